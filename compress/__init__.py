@@ -1,0 +1,1 @@
+"""slimforge compression: transforms of a bare ``nn.Module`` applied before ``accelerator.prepare``."""

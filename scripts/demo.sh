@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# bash scripts/demo.sh
+# The end-to-end job on the embedded MNIST-5k (no download): set up .venv, train the FP32 teacher, distil a
+# smaller student with `accelerate launch` (2 processes: one per GPU, or 2 CPU processes over gloo), export it to
+# ONNX + TorchScript with parity checks on real validation images, and benchmark it against the teacher.
+# RUN=<folder> picks the output folder (default runs/mnist).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec bash scripts/pipeline.sh "${RUN:-runs/mnist}"

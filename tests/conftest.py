@@ -1,0 +1,64 @@
+"""Shared fixtures: the repo root, a subprocess runner for entries, tiny checkpoints on real data."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+def run_cmd(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
+    """Runs a command the way a user would (fresh process) and returns the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    full_env.update(env or {})
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def tiny_data_config(**overrides):
+    from train.data import DataConfig
+
+    base = dict(
+        source="embedded",
+        name="mnist_5k",
+        in_chans=1,
+        image_size=32,
+        num_workers=0,
+        max_train_samples=256,
+        max_val_samples=128,
+    )
+    base.update(overrides)
+    return DataConfig(**base)
+
+
+def make_checkpoint(path: Path, name: str = "resnet10t", data=None, kwargs: dict | None = None, seed: int = 0):
+    """A randomly initialised, real checkpoint of timm ``name`` for ``data`` (default: tiny MNIST)."""
+    import torch
+
+    from train.checkpoint import save_checkpoint
+    from train.data import describe
+    from train.models import ModelConfig, build_model
+
+    data = data or tiny_data_config()
+    torch.manual_seed(seed)
+    info = describe(data)
+    model, spec = build_model(ModelConfig(name=name, kwargs=kwargs or {}), 10, info["input_size"], info)
+    save_checkpoint(model.state_dict(), spec, path, extra={"data": dataclasses.asdict(data)})
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("teacher") / "checkpoint", name="resnet10t")

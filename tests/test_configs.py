@@ -1,0 +1,39 @@
+"""Every YAML shipped in configs/ loads, and starts with a comment holding the command that runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import load_config
+from train.schema import RunConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL = sorted(CONFIGS.rglob("*.yaml"))
+RUN_CONFIGS = [p for p in ALL if p.parent.name in ("train", "distill", "debug")]
+
+
+def test_configs_exist():
+    assert RUN_CONFIGS and any(p.parent.name == "accelerate" for p in ALL)
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_first_line_is_the_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and str(path.relative_to(CONFIGS.parent)) in first
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_run_config_loads(path):
+    cfg = load_config(RunConfig, path)
+    if path.parent.name == "distill":
+        assert cfg.teacher is not None and cfg.teacher.checkpoint
+
+
+@pytest.mark.parametrize("path", [p for p in ALL if p.parent.name == "accelerate"], ids=lambda p: p.name)
+def test_accelerate_config_is_a_launcher_config(path):
+    data = yaml.safe_load(path.read_text())
+    assert data["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
+    assert data["num_processes"] >= 1

@@ -1,0 +1,1 @@
+"""slimforge training: configs, data, models, distillation and the Accelerate engine."""

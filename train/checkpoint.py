@@ -1,0 +1,183 @@
+"""Self-describing checkpoints: ``model.safetensors`` + ``slimforge.json`` in one directory.
+
+The JSON holds the :class:`~train.models.ModelSpec` (architecture, classes, input size, normalisation,
+compression recipe) and the SHA-256 of the weights file, so a student is rebuilt and exported without the
+training config or any pickled code. A checkpoint directory is written under a temporary name and renamed
+into place only once complete: a crash mid-write leaves a ``.tmp`` folder, never something that looks whole.
+
+Example:
+    >>> from train.checkpoint import load_checkpoint
+    >>> model, spec, meta = load_checkpoint("runs/teacher/checkpoint")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.errors import CheckpointError
+from train.models import ModelSpec, create_model
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "slimforge.checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "slimforge.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    state_dict: dict[str, torch.Tensor], spec: ModelSpec, path: str | os.PathLike, extra: dict[str, Any] | None = None
+) -> Path:
+    """Writes a checkpoint directory atomically and returns its path.
+
+    Args:
+        state_dict: The bare model's weights (not a DDP/DeepSpeed wrapper's).
+        spec: The architecture the weights belong to.
+        path: Target directory; an existing checkpoint there is replaced only after the new one is complete.
+        extra: JSON-serialisable facts to record (metrics, config, provenance).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    # safetensors refuses shared or non-contiguous tensors; clone makes each one its own contiguous buffer.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": spec.to_dict(),
+        "weights": {"file": WEIGHTS, "sha256": _sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size},
+        "extra": extra or {},
+    }
+    with open(tmp / META, "w") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks a checkpoint's metadata (not the weights).
+
+    Raises:
+        CheckpointError: the directory, the JSON or the weights file is missing, malformed or incomplete.
+    """
+    path = Path(path)
+    fix = "point to a complete slimforge checkpoint directory (re-run the training that writes it)"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a directory", fix)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {META}: it is incomplete or not a slimforge checkpoint", fix)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {META} is corrupted ({e})", fix) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: {META} is not a slimforge checkpoint description", fix)
+    if meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {meta.get('version')}, this slimforge reads {VERSION}",
+            "use the slimforge version that wrote it",
+        )
+    weights = path / meta["weights"]["file"]
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing its weights file {weights.name}", fix)
+    size = weights.stat().st_size
+    if size != meta["weights"]["bytes"]:
+        raise CheckpointError(
+            f"checkpoint {path}: {weights.name} has {size} bytes, expected {meta['weights']['bytes']} (truncated?)",
+            fix,
+        )
+    if _sha256(weights) != meta["weights"]["sha256"]:
+        raise CheckpointError(f"checkpoint {path}: {weights.name} does not match its SHA-256 (corrupted)", fix)
+    return meta
+
+
+def read_spec(path: str | os.PathLike) -> ModelSpec:
+    """The :class:`ModelSpec` a checkpoint holds."""
+    return ModelSpec.from_dict(read_meta(path)["model"])
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[nn.Module, ModelSpec, dict]:
+    """Rebuilds the model a checkpoint describes and loads its weights (strictly).
+
+    Returns:
+        ``(model, spec, meta)``; the model is in eval mode.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, truncated, corrupted or does not fit its architecture.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from compress.api import RecipeError, apply_recipe_
+
+    path = Path(path)
+    meta = read_meta(path)
+    spec = ModelSpec.from_dict(meta["model"])
+    model = create_model(spec)
+    try:
+        apply_recipe_(model, spec.recipe)
+    except RecipeError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild its compressed structure: {e}", "") from None
+    try:
+        state = load_file(str(path / meta["weights"]["file"]), device=map_location)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read weights: {e}", "re-create the checkpoint") from None
+    fix = "the JSON and the weights come from different models; re-create the checkpoint"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit {spec.source} {spec.name}: {detail}", fix
+        ) from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit {spec.source} {spec.name} "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})",
+            fix,
+        )
+    return model.eval(), spec, meta

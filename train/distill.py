@@ -1,0 +1,28 @@
+"""Teacher → student logit distillation: ``accelerate launch train/distill.py --config FILE``.
+
+The teacher (``teacher.checkpoint``) is frozen, runs without autograd on every rank and is never wrapped,
+optimised or saved; only the student is trained and written. See ``train/losses.py`` for the loss.
+
+Example:
+    accelerate launch --config_file configs/accelerate/ddp.yaml train/distill.py \
+        --config configs/distill/mnist_resnet18_to_resnet10t.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: train/ must not shadow the `train` package on sys.path
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.cli import run
+
+    return run("Teacher-student knowledge distillation.", argv, distill=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
