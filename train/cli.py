@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from train.errors import SlimforgeError
@@ -21,8 +22,9 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
 
 
 def report(err: SlimforgeError) -> int:
-    """Prints a user error as one message (no traceback) and returns the exit code for it."""
-    print(f"error: {err}", file=sys.stderr)
+    """Prints a user error as one message (no traceback; rank 0 only) and returns the exit code for it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {err}", file=sys.stderr)
     return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -271,8 +272,11 @@ def build_transform(cfg: DataConfig, is_training: bool):
     return create_transform(**kwargs)
 
 
-def with_transform(ds, cfg: DataConfig, is_training: bool):
-    """``ds`` yielding ``{"pixel_values": [C, H, W], "label": int, "index": int}`` on access."""
+def with_transform(ds, cfg: DataConfig, is_training: bool = False):
+    """``ds`` as a ``datasets.Dataset`` view yielding ``pixel_values`` / ``label`` / ``index`` (supports slicing).
+
+    For deterministic evaluation; training goes through :class:`ImageSamples`, which also seeds augmentation.
+    """
     transform = build_transform(cfg, is_training)
     mode = "L" if cfg.in_chans == 1 else "RGB"
 
@@ -286,21 +290,74 @@ def with_transform(ds, cfg: DataConfig, is_training: bool):
     return ds.with_transform(apply)
 
 
+class ImageSamples(torch.utils.data.Dataset):
+    """A ``datasets.Dataset`` split seen as ``{"pixel_values": [C, H, W], "label": int, "index": int}`` items.
+
+    Keys are ``(epoch, index)`` pairs (from :class:`EpochShuffle`) or plain indices. The random augmentation of a
+    sample is seeded by ``(seed, epoch, index)`` alone, so it is the same whichever rank or DataLoader worker
+    draws it and whether or not the run was interrupted and resumed: that is what makes resumed runs replay
+    the uninterrupted run exactly.
+    """
+
+    def __init__(self, ds, cfg: DataConfig, is_training: bool, seed: int = 0) -> None:
+        self.ds = ds
+        self.transform = build_transform(cfg, is_training)
+        self.mode = "L" if cfg.in_chans == 1 else "RGB"
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        row = self.ds[int(index)]
+        image = row["image"].convert(self.mode)
+        # timm's transforms draw from `random` and torch's global RNG: seed both per sample, then restore them.
+        sample_seed = hash((self.seed, epoch, int(index))) & 0x7FFF_FFFF
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(sample_seed)
+            torch.manual_seed(sample_seed)
+            pixels = self.transform(image)
+        random.setstate(py_state)
+        return {"pixel_values": pixels, "label": row["label"], "index": row[INDEX_COLUMN]}
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` keys in an order that is a pure function of ``(seed, epoch)``.
+
+    Every rank builds the same order; Accelerate's batch-sampler sharding then hands each rank its own batches.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        for i in torch.randperm(self.n, generator=g).tolist():
+            yield (self.epoch, i)
+
+
 def build_loader(ds, cfg: DataConfig, is_training: bool, seed: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader over ``ds``; Accelerate shards it across processes in ``prepare``.
 
-    Training loaders drop the last partial batch so every rank runs the same number of steps (a rank with
-    one step fewer would leave the others waiting in the gradient all-reduce).
+    Training loaders shuffle with :class:`EpochShuffle` (call ``loader.set_epoch(e)`` each epoch) and drop the
+    last partial batch so every rank runs the same number of steps (a rank with one step fewer would leave the
+    others waiting in the gradient all-reduce).
     """
-    generator = torch.Generator().manual_seed(seed)
+    samples = ImageSamples(ds, cfg, is_training, seed)
     return torch.utils.data.DataLoader(
-        with_transform(ds, cfg, is_training),
+        samples,
         batch_size=cfg.batch_size if is_training else cfg.eval_batch_size,
-        shuffle=is_training,
+        sampler=EpochShuffle(len(samples), seed) if is_training else None,
         drop_last=is_training,
         num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-        generator=generator,
     )
 
 

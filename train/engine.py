@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -50,9 +51,32 @@ class TrainConfig:
     """Write the dataset indices each rank trained on to ``output_dir/ranks/`` (checks data sharding)."""
     cpu: bool = False
     """Train on CPU even when a GPU is present."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer update; global batch = batch_size × processes × this.
+    Under DeepSpeed it must equal the launch config's ``gradient_accumulation_steps``."""
+    max_steps: int | None = None
+    """Stop after this many optimizer updates (the LR schedule still spans ``epochs``); null runs all epochs."""
+    checkpoint_every: int | None = None
+    """Save the full resumable training state every N optimizer updates (and at every epoch end) under
+    ``output_dir/state/``; null saves none. A relaunch of the same command resumes from the newest one."""
+    keep_states: int = 2
+    """How many resumable states to keep."""
+    resume: bool = True
+    """Resume from the newest complete state in ``output_dir/state/`` if there is one."""
+    teacher_placement: Literal["replicated"] = "replicated"
+    """replicated: a full frozen copy of the teacher on every rank, outside any DDP/DeepSpeed/FSDP wrapper
+    (memory per rank = teacher weights + activations of one micro-batch; no communication)."""
 
     def validate(self) -> list[str]:
         p = []
+        if self.grad_accum_steps < 1:
+            p.append(f"grad_accum_steps: {self.grad_accum_steps} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"max_steps: {self.max_steps} must be >= 1 or null")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            p.append(f"checkpoint_every: {self.checkpoint_every} must be >= 1 or null")
+        if self.keep_states < 1:
+            p.append(f"keep_states: {self.keep_states} must be >= 1")
         if self.epochs < 1:
             p.append(f"epochs: {self.epochs} must be >= 1")
         if self.log_every < 1:
@@ -65,7 +89,7 @@ class TrainConfig:
 def build_accelerator(cfg: TrainConfig):
     """An ``Accelerator`` for the launched topology, on CPU (gloo) when no GPU is present."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     on_cpu = cfg.cpu or not torch.cuda.is_available()
     if on_cpu and cfg.mixed_precision == "fp16":
@@ -77,32 +101,104 @@ def build_accelerator(cfg: TrainConfig):
     # (FACTS.md); DDP on CPU picks gloo either way.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and multi_process else []
+    # cpu=True would turn a DeepSpeed launch into plain MULTI_CPU; DeepSpeed picks its CPU accelerator itself.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
-        cpu=on_cpu,
+        cpu=on_cpu and not deepspeed,
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=str(Path(cfg.output_dir) / "tensorboard"),
         kwargs_handlers=handlers,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps),
     )
-    check_topology(accelerator)
+    check_topology(accelerator, cfg)
     return accelerator
 
 
-def check_topology(accelerator) -> None:
-    """Stops a run whose processes would not synchronise (e.g. a launcher world Accelerate did not join)."""
+def check_topology(accelerator, cfg: TrainConfig) -> None:
+    """Stops a run whose topology is not what the launcher asked for (FACTS.md lists the silent cases).
+
+    Checked: the launcher's world size against Accelerate's; an FSDP or DeepSpeed launch that Accelerate
+    dropped (FSDP on a CPU-only machine silently becomes ``DistributedType.NO``: every process would train
+    alone, unsynchronised); DeepSpeed's gradient accumulation against ``train.grad_accum_steps``.
+    """
+    from accelerate.utils import DistributedType
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    fix = "launch with a config from configs/accelerate/ that this machine supports (ddp.yaml works everywhere)"
     if world != accelerator.num_processes:
         raise SlimforgeError(
             f"the launcher started {world} processes but Accelerate runs {accelerator.num_processes} "
             f"({accelerator.distributed_type}); they would train without syncing gradients",
-            "launch with a config from configs/accelerate/ (e.g. ddp.yaml) that matches this machine",
+            fix,
         )
+    asked = {
+        "FSDP": (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true", DistributedType.FSDP),
+        "DeepSpeed": (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true", DistributedType.DEEPSPEED),
+    }
+    for name, (requested, dtype) in asked.items():
+        if requested and accelerator.distributed_type != dtype:
+            device = "a machine without a GPU" if not torch.cuda.is_available() else str(accelerator.device)
+            raise SlimforgeError(
+                f"the launch config asks for {name}, but Accelerate set up {accelerator.distributed_type} on "
+                f"{device}: the {world} processes would each train alone, without syncing gradients",
+                f"{fix}; on CPU use ddp.yaml or a DeepSpeed config (zero*.yaml)",
+            )
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        ds_accum = plugin.deepspeed_config.get("gradient_accumulation_steps")
+        if ds_accum not in (None, "auto", cfg.grad_accum_steps):
+            raise SlimforgeError(
+                f"train.grad_accum_steps is {cfg.grad_accum_steps} but the DeepSpeed launch config says "
+                f"gradient_accumulation_steps: {ds_accum}",
+                f"set train.grad_accum_steps={ds_accum} or change the launch config",
+            )
+
+
+def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
+    """What took effect, gathered from every rank (a collective), for the log and summary.json."""
+    import socket
+
+    from accelerate.utils import gather_object
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    sharding = "none (replicated)"
+    if plugin is not None:
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        offload = [k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") != "none"]
+        sharding = f"DeepSpeed ZeRO-{plugin.zero_stage}" + (f" (offload: {', '.join(offload)})" if offload else "")
+    elif fsdp is not None:
+        sharding = f"FSDP {fsdp.sharding_strategy}"
+    rank = {
+        "rank": accelerator.process_index,
+        "local_rank": accelerator.local_process_index,
+        "host": socket.gethostname(),
+        "device": str(accelerator.device),
+        "threads": torch.get_num_threads(),
+    }
+    accum = cfg.train.grad_accum_steps
+    return {
+        "distributed_type": str(accelerator.distributed_type),
+        "world_size": accelerator.num_processes,
+        "micro_batch_per_rank": cfg.data.batch_size,
+        "grad_accum_steps": accum,
+        "global_batch": cfg.data.batch_size * accelerator.num_processes * accum,
+        "sharding": sharding,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "teacher_placement": cfg.train.teacher_placement,
+        "ranks": gather_object([rank]),
+    }
 
 
 def state_digest(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer (names and bytes): equal digests mean identical replicas."""
+    """SHA-256 over every parameter (names and bytes): equal digests mean identical trained weights.
+
+    Buffers are left out on purpose: BatchNorm running statistics are per-rank under DeepSpeed (DDP broadcasts
+    rank 0's before each forward), and they are not what gradient synchronisation keeps equal.
+    """
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(model.named_parameters()):
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -115,9 +211,12 @@ def check_replicas_in_sync(model: nn.Module, accelerator) -> str:
     """
     from accelerate.utils import DistributedType, gather_object
 
-    digest = state_digest(accelerator.unwrap_model(model))
-    replicated = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    if accelerator.distributed_type in replicated and accelerator.num_processes > 1:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    replicated = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU) or (
+        plugin is not None and plugin.zero_stage < 3  # ZeRO-1/2 shard optimizer state, not parameters
+    )
+    digest = state_digest(accelerator.unwrap_model(model)) if replicated or accelerator.num_processes == 1 else ""
+    if replicated and accelerator.num_processes > 1:
         digests = gather_object([digest])
         if len(set(digests)) != 1:
             raise SlimforgeError(
@@ -216,7 +315,8 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from train.checkpoint import save_checkpoint
     from train.config import dump_yaml, to_dict
     from train.data import build_loader, describe, load_splits
-    from train.optim import build_optimizer, build_scheduler
+    from train.optim import build_optimizer, build_scheduler, scaled_lr
+    from train.state import load_train_state, save_train_state
     from train.task import DistillationTask, SupervisedTask
 
     out = Path(cfg.train.output_dir)
@@ -250,17 +350,24 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     spec.recipe = list(cfg.compress)
 
     accelerator = build_accelerator(cfg.train)
-    optimizer = build_optimizer(student, cfg.optim)
+    topology = describe_topology(accelerator, cfg)
+    lr = scaled_lr(cfg.optim, topology["global_batch"])
+    optimizer = build_optimizer(student, cfg.optim, lr)
     train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed)
     val_loader = build_loader(splits.val, cfg.data, is_training=False)
-    if len(train_loader) < 1:
+    if len(splits.train) < cfg.data.batch_size * accelerator.num_processes:
         raise SlimforgeError(
-            f"the training split has {len(splits.train)} images, fewer than one batch of {cfg.data.batch_size}",
+            f"the training split has {len(splits.train)} images, fewer than one global batch of "
+            f"{cfg.data.batch_size} × {accelerator.num_processes} processes",
             "lower data.batch_size or use more data",
         )
     student, optimizer, train_loader, val_loader = accelerator.prepare(student, optimizer, train_loader, val_loader)
-    total_steps = cfg.train.epochs * len(train_loader)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    accum = cfg.train.grad_accum_steps
+    updates_per_epoch = math.ceil(len(train_loader) / accum)  # Accelerate also steps on an epoch's last batch
+    total_steps = cfg.train.epochs * updates_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs * updates_per_epoch, lr)
     if teacher is not None:
         # Replicated on every rank, outside any wrapper: no gradient sync, no optimizer state, not saved.
         teacher = teacher.to(accelerator.device)
@@ -268,55 +375,103 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     else:
         task = SupervisedTask(cfg.loss)
 
+    position = {"step": 0, "epoch": 0, "batch": 0}
+    resumed = load_train_state(accelerator, out / "state") if cfg.train.resume else None
+    if resumed is not None:
+        position = {k: resumed[k] for k in position}
+        scheduler.last_epoch = position["step"]  # the LR is a pure function of the update count
+        scheduler.step(position["step"])
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        if resumed is None:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         dump_yaml(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
     if cfg.train.tensorboard:
         accelerator.init_trackers("slimforge", config={"distill": distill, "epochs": cfg.train.epochs})
     metrics = MetricsLog(out / "metrics.jsonl", accelerator)
     logger.info(
-        "%s on %s: %d process(es) (%s), %d threads/process, micro-batch %d, global batch %d, %d steps, "
-        "mixed precision %s",
+        "%s: %s, world size %d, micro-batch %d/rank × %d accumulation = global batch %d, sharding %s, "
+        "mixed precision %s, teacher %s, peak LR %.3g (%s scaling from %g at batch %d), %d updates",
         "distillation" if distill else "training",
-        accelerator.device,
-        accelerator.num_processes,
-        accelerator.distributed_type,
-        torch.get_num_threads(),
-        cfg.data.batch_size,
-        cfg.data.batch_size * accelerator.num_processes,
+        topology["distributed_type"],
+        topology["world_size"],
+        topology["micro_batch_per_rank"],
+        accum,
+        topology["global_batch"],
+        topology["sharding"],
+        topology["mixed_precision"],
+        topology["teacher_placement"] if distill else "none",
+        lr,
+        cfg.optim.lr_scaling,
+        cfg.optim.lr,
+        cfg.optim.reference_batch,
         total_steps,
-        accelerator.mixed_precision,
     )
+    for r in topology["ranks"]:
+        logger.info(
+            "rank %d (local %d) on %s: device %s, %d threads",
+            r["rank"],
+            r["local_rank"],
+            r["host"],
+            r["device"],
+            r["threads"],
+        )
+
+    def save_state() -> None:
+        save_train_state(accelerator, out / "state", dict(position), keep=cfg.train.keep_states)
 
     seen: list[list[int]] = []
     history = []
-    step, t_start, images = 0, time.perf_counter(), 0
-    for epoch in range(cfg.train.epochs):
+    digest = ""
+    step = position["step"]
+    t_start, images, t_steady, images_steady = time.perf_counter(), 0, None, 0
+    for epoch in range(position["epoch"], cfg.train.epochs):
+        if step >= total_steps:
+            break
         student.train()
+        train_loader.set_epoch(epoch)
+        skip = position["batch"] if epoch == position["epoch"] else 0
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         seen.append([])
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process)
-        for batch in bar:
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            initial=skip,
+            total=len(train_loader),
+            disable=not accelerator.is_main_process,
+        )
+        for batch_idx, batch in enumerate(bar, start=skip):
+            if step >= total_steps:  # max_steps reached mid-epoch
+                break
             x, y = batch["pixel_values"], batch["label"]
-            with accelerator.autocast():
-                losses = task(student, x, y)
-            accelerator.backward(losses["loss"])
-            if cfg.optim.grad_clip is not None:
-                accelerator.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            with accelerator.accumulate(student):
+                with accelerator.autocast():
+                    losses = task(student, x, y)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and cfg.optim.grad_clip is not None:
+                    accelerator.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+                optimizer.step()  # Accelerate's wrapper skips it on accumulation micro-steps
+                optimizer.zero_grad(set_to_none=True)
             images += x.shape[0] * accelerator.num_processes
             if cfg.train.record_samples:
                 seen[-1].extend(batch["index"].tolist())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            position.update(step=step, epoch=epoch, batch=batch_idx + 1)
+            if step == 3:  # steady-state throughput excludes the first updates (allocator, thread pools)
+                t_steady, images_steady = time.perf_counter(), images
             if step % cfg.train.log_every == 0 or step == total_steps:
                 # .item() is a sync point; only paid every log_every steps.
                 record = {k: v.item() for k, v in losses.items() if k != "logits"}
                 record.update(step=step, epoch=epoch + 1, split="train", lr=scheduler.get_last_lr()[0])
                 metrics.log(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                save_state()
+        bar.close()
         val = evaluate(student, val_loader, accelerator)
         history.append(val["acc"])
         metrics.log(
@@ -324,21 +479,29 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         )
         logger.info("epoch %d: val acc %.4f, val loss %.4f (%d images)", epoch + 1, val["acc"], val["loss"], val["n"])
         digest = check_replicas_in_sync(student, accelerator)
+        position.update(epoch=epoch + 1, batch=0)
+        if cfg.train.checkpoint_every and step < total_steps:
+            save_state()
     elapsed = time.perf_counter() - t_start
+    steady = time.perf_counter() - t_steady if t_steady is not None else None
 
     summary: dict[str, Any] = {
         "mode": "distill" if distill else "train",
         "model": f"{spec.source}:{spec.name}",
-        "val_acc": history[-1],
+        "val_acc": history[-1] if history else None,
         "val_acc_per_epoch": history,
         "epochs": cfg.train.epochs,
         "steps": step,
+        "resumed_from_step": resumed["step"] if resumed else None,
         "processes": accelerator.num_processes,
         "process_index": accelerator.process_index,
-        "distributed_type": str(accelerator.distributed_type),
-        "global_batch": cfg.data.batch_size * accelerator.num_processes,
+        "distributed_type": topology["distributed_type"],
+        "topology": topology,
+        "global_batch": topology["global_batch"],
+        "peak_lr": lr,
         "train_seconds": round(elapsed, 2),
         "train_images_per_second": round(images / elapsed, 1),
+        "steady_images_per_second": round((images - images_steady) / steady, 1) if steady else None,
     }
     if teacher is not None:
         summary["teacher"] = f"{teacher_spec.source}:{teacher_spec.name}"

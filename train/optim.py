@@ -17,7 +17,13 @@ class OptimConfig:
     name: str = "adamw"
     """Any optimizer name timm's ``create_optimizer_v2`` knows (adamw, sgd, lamb, ...)."""
     lr: float = 2e-3
-    """Peak learning rate at the configured global batch (no automatic scaling)."""
+    """Peak learning rate at ``reference_batch`` images per update (see ``lr_scaling``)."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """How the peak LR follows the global batch (micro-batch × processes × accumulation): none keeps ``lr``;
+    linear uses ``lr × global / reference_batch`` (Goyal et al. 2017, SGD); sqrt uses
+    ``lr × sqrt(global / reference_batch)`` (common for Adam-family optimizers)."""
+    reference_batch: int = 64
+    """The global batch ``lr`` was tuned for."""
     weight_decay: float = 0.05
     momentum: float = 0.9
     """SGD-family momentum."""
@@ -34,6 +40,8 @@ class OptimConfig:
             p.append(f"lr: {self.lr} must be > 0")
         if self.weight_decay < 0:
             p.append(f"weight_decay: {self.weight_decay} must be >= 0")
+        if self.reference_batch < 1:
+            p.append(f"reference_batch: {self.reference_batch} must be >= 1")
         if self.warmup_steps < 0:
             p.append(f"warmup_steps: {self.warmup_steps} must be >= 0")
         if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
@@ -50,21 +58,27 @@ class OptimConfig:
         return p
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The peak LR for ``global_batch`` images per optimizer update under ``cfg.lr_scaling``."""
+    ratio = global_batch / cfg.reference_batch
+    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer over the model's trainable parameters (no weight decay on norms and biases)."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return create_optimizer_v2(model, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, lr: float):
     """Per-update LR schedule: linear warm-up from lr/100, then cosine to ``min_lr`` (or constant).
 
     Stepped by the engine once per optimizer update, not handed to ``accelerator.prepare`` (Accelerate
     would step it once per process per update).
     """
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    floor = cfg.min_lr / cfg.lr
+    floor = min(cfg.min_lr / lr, 1.0)
 
     def factor(step: int) -> float:
         if step < warmup:

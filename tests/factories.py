@@ -1,0 +1,18 @@
+"""Tiny models for tests, reachable as `model.source: factory` (``tests.factories:<name>``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def tiny_convnet(num_classes: int, in_chans: int, width: int = 8) -> nn.Module:
+    """A BatchNorm-free CNN: its gradients do not depend on how a batch is split across ranks."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
