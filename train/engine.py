@@ -426,6 +426,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     digest = ""
     step = position["step"]
     t_start, images, t_steady, images_steady = time.perf_counter(), 0, None, 0
+    t_last, images_last = t_start, 0
     for epoch in range(position["epoch"], cfg.train.epochs):
         if step >= total_steps:
             break
@@ -461,8 +462,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             scheduler.step()
             step += 1
             position.update(step=step, epoch=epoch, batch=batch_idx + 1)
+            t_last, images_last = time.perf_counter(), images
             if step == 3:  # steady-state throughput excludes the first updates (allocator, thread pools)
-                t_steady, images_steady = time.perf_counter(), images
+                t_steady, images_steady = t_last, images
             if step % cfg.train.log_every == 0 or step == total_steps:
                 # .item() is a sync point; only paid every log_every steps.
                 record = {k: v.item() for k, v in losses.items() if k != "logits"}
@@ -483,7 +485,12 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         if cfg.train.checkpoint_every and step < total_steps:
             save_state()
     elapsed = time.perf_counter() - t_start
-    steady = time.perf_counter() - t_steady if t_steady is not None else None
+    from accelerate.utils import gather_object
+
+    from train.memory import state_memory
+
+    memory = gather_object([state_memory(accelerator.unwrap_model(student), optimizer)])
+    steady = t_last - t_steady if t_steady is not None and t_last > t_steady else None
 
     summary: dict[str, Any] = {
         "mode": "distill" if distill else "train",
@@ -501,7 +508,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         "peak_lr": lr,
         "train_seconds": round(elapsed, 2),
         "train_images_per_second": round(images / elapsed, 1),
-        "steady_images_per_second": round((images - images_steady) / steady, 1) if steady else None,
+        # Training steps only (no evaluation, no checkpointing), from the 3rd update to the last.
+        "steady_images_per_second": round((images_last - images_steady) / steady, 1) if steady else None,
+        "state_memory_per_rank": memory,
     }
     if teacher is not None:
         summary["teacher"] = f"{teacher_spec.source}:{teacher_spec.name}"

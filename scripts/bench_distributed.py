@@ -1,0 +1,158 @@
+"""Supervised vs distillation step throughput, and per-rank state memory, under every launch strategy.
+
+    .venv/bin/python scripts/bench_distributed.py            # all strategies this machine can run
+    .venv/bin/python scripts/bench_distributed.py --strategies ddp zero3 --steps 40 --batch 32
+
+Each row is a real `accelerate launch` of train/train.py and train/distill.py (student timm resnet10t, teacher
+a random-init timm resnet18 checkpoint, embedded MNIST-5k at 32×32, the same per-rank micro-batch), and reads
+the run's summary.json: steady-state training images/s (3rd update to last, no evaluation) and the bytes of
+parameters + optimizer state each rank holds (train/memory.py). Strategies the machine cannot run are listed
+as skipped with the reason. The same script runs unchanged on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# name -> (launch config, processes)
+STRATEGIES = {
+    "single": ("single.yaml", 1),
+    "ddp": ("ddp.yaml", 2),
+    "zero1": ("zero1.yaml", 2),
+    "zero2": ("zero2.yaml", 2),
+    "zero3": ("zero3.yaml", 2),
+    "zero3-1proc": ("zero3.yaml", 1),
+    "fsdp": ("fsdp.yaml", 2),
+}
+
+
+def unavailable(name: str) -> str | None:
+    """Why ``name`` cannot run here, or None."""
+    import importlib.util
+
+    import torch
+
+    if name.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (EXTRAS=dev,deepspeed bash scripts/setup.sh)"
+    if name == "fsdp" and not torch.cuda.is_available():
+        return "FSDP through Accelerate needs GPUs (on CPU Accelerate drops it; the engine refuses)"
+    n_gpu = torch.cuda.device_count()
+    if n_gpu and STRATEGIES[name][1] > n_gpu:
+        return f"needs {STRATEGIES[name][1]} GPUs, this machine has {n_gpu}"
+    return None
+
+
+def make_teacher(folder: Path) -> Path:
+    import torch
+
+    from train.checkpoint import save_checkpoint
+    from train.data import DataConfig, describe
+    from train.models import ModelConfig, build_model
+
+    data = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)
+    info = describe(data)
+    torch.manual_seed(0)
+    model, spec = build_model(ModelConfig(name="resnet18"), 10, info["input_size"], info)
+    return save_checkpoint(model.state_dict(), spec, folder / "teacher", extra={"data": dataclasses.asdict(data)})
+
+
+def run(name: str, entry: str, teacher: Path, out: Path, args) -> dict:
+    launch_config, nproc = STRATEGIES[name]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        f"configs/accelerate/{launch_config}",
+        "--num_processes",
+        str(nproc),
+        f"train/{entry}.py",
+        "--config",
+        "configs/debug/tiny_distill.yaml",
+        f"teacher.checkpoint={teacher}",
+        f"train.output_dir={out}",
+        "model.name=resnet10t",
+        "data.max_train_samples=null",
+        "data.max_val_samples=64",
+        f"data.batch_size={args.batch}",
+        "data.num_workers=1",
+        f"train.max_steps={args.steps}",
+        "train.epochs=1000",
+        "train.tensorboard=false",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
+    return json.loads((out / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--steps", type=int, default=30, help="optimizer updates per run (%(default)s)")
+    parser.add_argument("--batch", type=int, default=32, help="per-rank micro-batch (%(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = make_teacher(Path(tmp))
+        for name in args.strategies:
+            reason = unavailable(name)
+            row = {"strategy": name, "processes": STRATEGIES[name][1], "skipped": reason}
+            if reason is None:
+                try:
+                    for entry in ("train", "distill"):
+                        s = run(name, entry, teacher, Path(tmp) / f"{name}-{entry}", args)
+                        row[entry] = s["steady_images_per_second"]
+                        row["memory"] = s["state_memory_per_rank"][0]
+                        row["type"] = s["topology"]["sharding"]
+                except RuntimeError as e:
+                    row["skipped"] = f"error: {e}"
+            rows.append(row)
+            print(f"[bench] {name}: {row}", file=sys.stderr, flush=True)
+
+    mb = 1024 * 1024
+    base = next((r for r in rows if r["strategy"] == "single" and not r["skipped"]), None)
+    print(f"\nTraining throughput, per-rank micro-batch {args.batch}, {args.steps} updates (images/s, all ranks)\n")
+    print("| strategy | processes | supervised | distillation | distill step cost (× supervised) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if r["skipped"]:
+            print(f"| {r['strategy']} | {r['processes']} | skipped: {r['skipped']} | | |")
+        else:
+            print(
+                f"| {r['strategy']} | {r['processes']} | {r['train']:.1f} | {r['distill']:.1f} | "
+                f"{r['train'] / r['distill']:.2f} |"
+            )
+    print("\nStudent parameters + optimizer state held by one rank (MB)\n")
+    print("| strategy | params | optimizer state | total | vs single process | vs zero3-1proc |")
+    print("|---|---|---|---|---|---|")
+    z1 = next((r for r in rows if r["strategy"] == "zero3-1proc" and not r["skipped"]), None)
+    for r in rows:
+        if r["skipped"]:
+            continue
+        m = r["memory"]
+        total = m["param_bytes"] + m["optimizer_bytes"]
+        vs = [
+            f"{total / (b['memory']['param_bytes'] + b['memory']['optimizer_bytes']):.3f}" if b else "n/a"
+            for b in (base, z1)
+        ]
+        print(
+            f"| {r['strategy']} | {m['param_bytes'] / mb:.1f} | {m['optimizer_bytes'] / mb:.1f} | "
+            f"{total / mb:.1f} | {vs[0]} | {vs[1]} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
