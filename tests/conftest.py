@@ -27,6 +27,20 @@ def run_cmd(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | N
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def launch_args(launch_config: str, entry: str, config: str, *overrides: str) -> list[str]:
+    """The `accelerate launch` command line a user types, with ``configs/accelerate/<launch_config>``."""
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        f"configs/accelerate/{launch_config}",
+        entry,
+        "--config",
+        config,
+        *overrides,
+    ]
+
+
 def tiny_data_config(**overrides):
     from train.data import DataConfig
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import BIN, ROOT, make_checkpoint, run_cmd
+from tests.conftest import ROOT, launch_args, make_checkpoint, run_cmd
 from train.checkpoint import load_checkpoint
 from train.models import ModelConfig, build_model
 
@@ -22,21 +22,15 @@ def test_two_process_distillation_shards_data_and_keeps_replicas_identical(tmp_p
     teacher = make_checkpoint(tmp_path / "teacher", name="resnet18", seed=7)
     teacher_sha = _sha(teacher)
     out = tmp_path / "student"
-    proc = run_cmd(
-        [
-            str(BIN / "accelerate"),
-            "launch",
-            "--config_file",
-            "configs/accelerate/ddp.yaml",
-            "train/distill.py",
-            "--config",
-            "configs/debug/tiny_distill.yaml",
-            f"teacher.checkpoint={teacher}",
-            f"train.output_dir={out}",
-            "train.record_samples=true",
-        ],
-        timeout=600,
+    args = launch_args(
+        "ddp.yaml",
+        "train/distill.py",
+        "configs/debug/tiny_distill.yaml",
+        f"teacher.checkpoint={teacher}",
+        f"train.output_dir={out}",
+        "train.record_samples=true",
     )
+    proc = run_cmd(args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BIN, ROOT, run_cmd, tiny_data_config
+from tests.conftest import ROOT, launch_args, run_cmd, tiny_data_config
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import describe
 from train.models import ModelConfig, build_model
@@ -27,17 +27,7 @@ ENV = {"PYTHONPATH": str(ROOT)}  # the launched entries import tests.factories
 
 
 def launch(config_file: str, entry: str, config: str, *overrides: str, timeout: int = 600):
-    args = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        f"configs/accelerate/{config_file}",
-        entry,
-        "--config",
-        config,
-        *overrides,
-    ]
-    return run_cmd(args, timeout=timeout, env=ENV)
+    return run_cmd(launch_args(config_file, entry, config, *overrides), timeout=timeout, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -162,17 +152,7 @@ def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teac
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run = tmp_path / "killed"
-    args = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        "configs/accelerate/ddp.yaml",
-        "train/distill.py",
-        "--config",
-        config,
-        *overrides,
-        f"train.output_dir={run}",
-    ]
+    args = launch_args("ddp.yaml", "train/distill.py", config, *overrides, f"train.output_dir={run}")
     env = dict(os.environ, **ENV, PYTHONUNBUFFERED="1")
     victim = subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
