@@ -35,7 +35,8 @@ WEIGHTS = "model.safetensors"
 META = "slimforge.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -78,7 +79,7 @@ def save_checkpoint(
         "version": VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": spec.to_dict(),
-        "weights": {"file": WEIGHTS, "sha256": _sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size},
+        "weights": {"file": WEIGHTS, "sha256": file_sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size},
         "extra": extra or {},
     }
     with open(tmp / META, "w") as f:
@@ -130,7 +131,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {path}: {weights.name} has {size} bytes, expected {meta['weights']['bytes']} (truncated?)",
             fix,
         )
-    if _sha256(weights) != meta["weights"]["sha256"]:
+    if file_sha256(weights) != meta["weights"]["sha256"]:
         raise CheckpointError(f"checkpoint {path}: {weights.name} does not match its SHA-256 (corrupted)", fix)
     return meta
 

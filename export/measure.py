@@ -1,0 +1,230 @@
+"""One benchmark row: load an artifact in a runtime, predict the validation images, time it, watch its memory.
+
+:func:`measure_artifact` is what every row of the benchmark runs, in the benchmark's process or — by default —
+in a fresh one (:mod:`export._worker`), so each row's peak memory is its own and a runtime that crashes takes
+only its row down. It knows nothing about teachers or reports: it returns predictions and raw timings, and
+:mod:`export.bench` turns them into accuracy, agreement, speedups and fractions of peak.
+
+Timing: every call returns only once its logits are ready (:meth:`Runtime.forward`); ``warmup`` untimed calls
+precede each timed series; batch-1 latency is ``runs`` single calls on one real image, throughput is
+``throughput_runs`` calls per batch size of the sweep (real images, repeated when the sweep asks for more).
+
+Memory: the peak resident set (``VmHWM``) is reset just before the artifact is loaded (``/proc/self/clear_refs``,
+Linux) and read after the last timed call, so ``rss_increase_mb`` is what loading, compiling and running this
+artifact at every batch size of the sweep added to a process that already held Python, the libraries and the
+images. Where the reset is refused, the process's lifetime peak is reported instead and the method says so.
+On a GPU, PyTorch runtimes also report ``torch.cuda.max_memory_allocated``.
+
+Example:
+    >>> from export.measure import TimingConfig, measure_artifact
+    >>> result = measure_artifact("ort-cpu", "out/model.onnx", images, TimingConfig(runs=200))  # doctest: +SKIP
+    >>> result["latency_ms"]["p50"]  # doctest: +SKIP
+    0.41
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.runtimes import Runtime, get_runtime
+from export.verify import run_batches
+from train.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TimingConfig:
+    """How one row is timed (the timing part of :class:`export.bench.BenchConfig`)."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    runs: int = 200
+    warmup: int = 10
+    throughput_runs: int = 20
+    threads: int | None = None
+    eval_batch_size: int = 32
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class MemoryProbe:
+    """Peak resident memory (and PyTorch GPU memory) of this process over a stretch of work.
+
+    Args:
+        device: The runtime's device; ``"cuda"`` also tracks ``torch.cuda.max_memory_allocated``.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.rss_before_kb: int | None = None
+        self.reset = False
+
+    def start(self) -> None:
+        self.rss_before_kb = _status_kb("VmRSS")
+        try:
+            # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0, documented in proc(5)).
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = _status_kb("VmHWM") is not None
+        except OSError:
+            self.reset = False
+        if self.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def stop(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rss_before_mb": _mb(self.rss_before_kb)}
+        if self.reset:
+            peak = _status_kb("VmHWM")
+            out["method"] = "VmHWM reset before load, read after the last timed call"
+            out["peak_rss_mb"] = _mb(peak)
+            out["rss_increase_mb"] = _mb(peak - self.rss_before_kb) if peak and self.rss_before_kb else None
+        else:
+            # ru_maxrss is in KiB on Linux: the whole process's peak, which may predate this row.
+            out["method"] = "ru_maxrss (process lifetime peak: VmHWM reset unavailable)"
+            out["peak_rss_mb"] = _mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            out["rss_increase_mb"] = None
+        out["gpu_peak_mb"] = None
+        if self.device == "cuda" and torch.cuda.is_available():
+            # Counts PyTorch's allocator only: ONNX Runtime's CUDA arena is invisible to it.
+            out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+
+def _mb(kb: int | None) -> float | None:
+    return None if kb is None else kb / 1024
+
+
+def time_forward(runtime: Runtime, batch: np.ndarray, runs: int, warmup: int) -> np.ndarray:
+    """Wall-clock seconds of ``runs`` forward calls on one prepared batch ``[B, C, H, W]``.
+
+    Returns:
+        ``[runs]`` seconds, one per call (each call returns only once its result is ready).
+    """
+    inputs = runtime.prepare(np.ascontiguousarray(batch, dtype=np.float32))
+    for _ in range(warmup):
+        runtime.forward(inputs)
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        runtime.forward(inputs)
+        times[i] = time.perf_counter() - start
+    return times
+
+
+def _shape_text(shape: list[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def check_input_shape(declared: list[int | None] | None, images_shape: tuple[int, ...], artifact: str) -> None:
+    """Refuses an artifact whose declared input cannot take the benchmark's images before anything runs.
+
+    Args:
+        declared: The runtime's :meth:`Runtime.input_shape` (``None`` entries are dynamic); ``None``: unknown.
+        images_shape: ``[N, C, H, W]`` of the images the benchmark feeds (from the artifact's model.json).
+        artifact: Path for the message.
+
+    Raises:
+        ExportError: the rank, channels or image size differ, or the batch axis is fixed.
+    """
+    if declared is None:
+        return
+    want = [None, *images_shape[1:]]
+    if len(declared) != len(want) or any(d is not None and d != w for d, w in zip(declared[1:], want[1:])):
+        raise ExportError(
+            f"{artifact} takes input {_shape_text(declared)}, but its model.json describes images "
+            f"{_shape_text(want)} (batch, channels, height, width)",
+            "benchmark the artifact next to the model.json of the model it was exported from "
+            "(export/export.py writes both)",
+        )
+    if declared[0] is not None:
+        raise ExportError(
+            f"{artifact} has its batch axis fixed at {declared[0]}; the benchmark runs batches of several sizes",
+            "re-export it with a dynamic batch axis (export/export.py does)",
+        )
+
+
+def _batch(images: np.ndarray, size: int) -> np.ndarray:
+    # Real images, repeated when the sweep asks for more than the validation set holds.
+    return images[np.arange(size) % len(images)]
+
+
+def measure_artifact(runtime: str, artifact: str | os.PathLike, images: np.ndarray, cfg: TimingConfig) -> dict:
+    """Loads ``artifact`` in ``runtime``, predicts ``images`` and times it.
+
+    Args:
+        runtime: A registered runtime name, available here.
+        artifact: The checkpoint directory or file.
+        images: ``[N, C, H, W]`` float32 validation images preprocessed for this model.
+        cfg: Threads, runs and batch sizes.
+
+    Returns:
+        ``describe`` (the runtime's own account: precision, compute ops, details), ``preds`` ``[N]`` top-1
+        classes, ``latency_ms`` (batch 1 percentiles), ``throughput`` (one entry per batch size),
+        ``load_seconds``, ``first_run_seconds`` (compilation / allocation on the first batch-1 call) and
+        ``memory`` (see :class:`MemoryProbe`).
+
+    Raises:
+        ExportError: the runtime is unavailable or the artifact cannot be loaded or run.
+    """
+    cls = get_runtime(runtime)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    probe = MemoryProbe(cls.device)
+    probe.start()
+    rt = cls(threads=cfg.threads)
+    start = time.perf_counter()
+    rt.load(artifact)
+    load_seconds = time.perf_counter() - start
+    check_input_shape(rt.input_shape(), images.shape, str(artifact))
+
+    start = time.perf_counter()
+    run_batches(rt, torch.from_numpy(images[:1]), [1])
+    first_run_seconds = time.perf_counter() - start
+    n, bs = len(images), cfg.eval_batch_size
+    logits = run_batches(rt, torch.from_numpy(images), [min(bs, n - i) for i in range(0, n, bs)])  # [N, K]
+
+    lat = time_forward(rt, images[:1], cfg.runs, cfg.warmup) * 1e3  # ms
+    latency = {
+        "batch_size": 1,
+        "runs": cfg.runs,
+        "p50": float(np.percentile(lat, 50)),
+        "p90": float(np.percentile(lat, 90)),
+        "p99": float(np.percentile(lat, 99)),
+        "mean": float(lat.mean()),
+        "min": float(lat.min()),
+        "std": float(lat.std()),
+    }
+    sweep = []
+    for size in cfg.batch_sizes:
+        try:
+            t = time_forward(rt, _batch(images, size), cfg.throughput_runs, cfg.warmup)
+        except Exception as e:  # e.g. out of memory at a large batch: name the size that failed
+            raise ExportError(
+                f"runtime {runtime} failed at batch size {size}: {type(e).__name__}: {str(e).strip()[:200]}",
+                "drop that size from --batch-sizes",
+            ) from None
+        sweep.append({"batch_size": size, "images_per_s": size * len(t) / t.sum(), "ms_per_batch": 1e3 * t.mean()})
+    return {
+        "describe": rt.describe(),
+        "preds": logits.argmax(1).tolist(),
+        "latency_ms": latency,
+        "throughput": sweep,
+        "load_seconds": load_seconds,
+        "first_run_seconds": first_run_seconds,
+        "memory": probe.stop(),
+    }

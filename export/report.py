@@ -1,0 +1,346 @@
+"""Report plumbing: atomic JSON/text files, the machine fingerprint, the benchmark's Markdown and CSV tables.
+
+The HTML page with the Pareto plot is :mod:`export.report_html`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Entry-script logging: slimforge's own loggers at INFO (DEBUG with ``verbose``), third-party ones (e.g.
+    onnxscript's graph optimiser, which logs every pass at INFO) at WARNING."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    for name in ("export", "train", "compress"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _jsonable(obj: Any) -> Any:
+    # Standard JSON has no NaN/inf: a failed comparison's infinite diff is written as null.
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` under a temporary name, then renames it: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Writes ``obj`` as indented standard JSON (non-finite floats become ``null``), atomically."""
+    return write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that produce or run artifacts (``None`` when not installed)."""
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions.update({dist: version(dist) for dist in ("numpy", "onnx", "timm", "openvino")})
+    # onnxruntime and onnxruntime-gpu ship the same module; say which one is installed.
+    ort = [f"{v} ({dist})" for dist in ("onnxruntime-gpu", "onnxruntime") if (v := version(dist))]
+    versions["onnxruntime"] = ", ".join(ort) or None
+    return versions
+
+
+def _gpu() -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"gpu": None, "gpu_driver": None, "cuda": torch.version.cuda}
+    driver = None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        driver = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        "gpu_driver": driver,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def machine_fingerprint(threads: int | None = None) -> dict[str, Any]:
+    """What a latency number depends on: CPU model, cores and the features that pick kernels, the threads the
+    benchmark used, memory, GPU and driver, library versions, and the load average when it started."""
+    from export.runtimes import cpu_flags, default_threads
+
+    flags = cpu_flags()
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": default_threads(),
+        "threads": threads,
+        "cpu_features": [f for f in _FLAGS if f in flags] or None,
+        "memory_gb": _memory_gb(),
+        "platform": platform.platform(),
+        # Other processes' load makes latencies noisy: record it next to the numbers it affects.
+        "load_avg_1m": load_average(),
+    }
+    info.update(_gpu())
+    info.update(library_versions())
+    return info
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value / scale, spec)
+
+
+def _best(r: dict[str, Any]) -> str:
+    b = r.get("best_throughput") or {}
+    return f"{b['images_per_s']:.1f} (bs {b['batch_size']})" if b else "—"
+
+
+def _memory(r: dict[str, Any]) -> Any:
+    m = r.get("memory") or {}
+    return m.get("rss_increase_mb") if m.get("rss_increase_mb") is not None else m.get("peak_rss_mb")
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The summary table shared by Markdown and HTML: ``(header, rows of cells)``."""
+    header = [
+        "model",
+        "runtime",
+        "precision",
+        "accuracy",
+        "agreement",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "best img/s",
+        "mem MB",
+        "% of peak",
+        "params (M)",
+        "MMACs",
+        "size (MB)",
+        "speedup (p50)",
+        "status",
+    ]
+    rec = (report.get("recommendation") or {}).get("row")
+    out = []
+    for i, r in enumerate(report["rows"]):
+        lat = r.get("latency_ms") or {}
+        speedup = _fmt(r.get("speedup_p50"), ".2f")
+        status = r["status"] + (" ★ recommended" if i == rec else "")
+        out.append(
+            [
+                f"{r['model']} ({r['role']})",
+                r["runtime"],
+                r.get("precision") or "—",
+                _fmt(r.get("accuracy"), ".4f"),
+                _fmt(r.get("agreement"), ".4f"),
+                _fmt(lat.get("p50"), ".3f"),
+                _fmt(lat.get("p90"), ".3f"),
+                _fmt(lat.get("p99"), ".3f"),
+                _best(r),
+                _fmt(_memory(r), ".0f"),
+                _fmt(r.get("fraction_of_peak"), ".1%"),
+                _fmt(r.get("params"), ".3f", 1e6),
+                _fmt(r.get("macs"), ".1f", 1e6),
+                _fmt(r.get("size_bytes"), ".2f", 1e6),
+                speedup + ("×" if speedup != "—" else ""),
+                status,
+            ]
+        )
+    return header, out
+
+
+def headline(report: dict[str, Any]) -> str:
+    """One paragraph: machine, threads, data, timing settings."""
+    m, s, d = report["machine"], report["settings"], report["data"]
+    data = d["source"] if d["source"] in ("synthetic", "imagefolder") else f"{d['source']}:{d['name']}"
+    return (
+        f"Benchmark on {m['cpu']} ({m['usable_cores']} usable cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
+        f"{s['threads']} threads, torch {m['torch']}, onnxruntime {m.get('onnxruntime')}, openvino "
+        f"{m.get('openvino')}; {d['num_images']} validation images of {data} ({d['image_size']} px); "
+        f"latency at batch 1 over {s['runs']} runs after "
+        f"{s['warmup']} warm-ups; throughput over batch sizes {s['batch_sizes']} ({s['throughput_runs']} runs each); "
+        f"load average {m.get('load_avg_1m')} at start, {m.get('load_avg_1m_after')} at the end."
+    )
+
+
+def peaks_line(report: dict[str, Any]) -> str:
+    """The measured matmul peaks, one clause per device and precision."""
+    peaks = report.get("peaks")
+    if not peaks:
+        return "Matmul peak not measured (--peak-seconds 0): no fraction of peak."
+    parts = []
+    for device in ("cpu", "cuda"):
+        for key, p in (peaks.get(device) or {}).items():
+            if p.get("ops_per_s"):
+                unit = "TOP/s" if key == "int8" else "TFLOP/s"
+                parts.append(f"{device} {key} {p['ops_per_s'] / 1e12:.3f} {unit} ({p['best']})")
+            elif p.get("skipped"):
+                parts.append(f"{device} {key}: {p['skipped']}")
+    return "Measured matmul peak: " + "; ".join(parts) + "."
+
+
+def over_peak_warning(rows: list[dict[str, Any]]) -> str:
+    """What a fraction of peak above 1 (beyond 5% noise) can mean."""
+    names = ", ".join(f"{r['model']} [{r['runtime']}] {r['fraction_of_peak']:.0%}" for r in rows)
+    return (
+        f"Note: above the measured matmul peak: {names}. Either other load slowed the peak measurement, the row's "
+        "kernels outrun a square matmul of that size, or it computes fewer operations than its MACs say (Winograd, "
+        "sparsity). Compare such rows with each other rather than with 100%."
+    )
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The benchmark report as Markdown: headline, one table row per artifact × runtime, then the recommendation,
+    skipped and failed rows with their reasons, and runtimes that were not selected."""
+    header, rows = table_rows(report)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    out = (f"**{report['note']}**\n\n" if report.get("note") else "") + headline(report) + "\n\n"
+    out += "\n".join(lines) + "\n\n" + peaks_line(report) + "\n"
+    over = [r for r in report["rows"] if (r.get("fraction_of_peak") or 0) > 1.05]
+    if over:
+        out += f"\n{over_peak_warning(over)}\n"
+    rec = report.get("recommendation")
+    if rec:
+        out += (
+            f"\nRecommended (accuracy budget {rec['budget']:g}): **{rec['artifact']} [{rec['runtime']}]**, "
+            f"{rec['precision']}, p50 {rec['p50_ms']:.3f} ms, accuracy {rec['accuracy']:.4f} — {rec['reason']}.\n"
+        )
+    skipped = [r for r in report["rows"] if r["status"] == "skipped"]
+    errors = [r for r in report["rows"] if r["status"] == "error"]
+    if skipped:
+        out += "\nSkipped:\n" + "\n".join(f"- {r['artifact']} [{r['runtime']}]: {r['reason']}" for r in skipped) + "\n"
+    if errors:
+        out += "\nErrors:\n" + "\n".join(f"- {r['artifact']} [{r['runtime']}]: {r['reason']}" for r in errors) + "\n"
+    if report.get("not_selected"):
+        names = ", ".join(report["not_selected"])
+        out += f"\nNot selected (add with --runtimes NAME or --runtimes all): {names}.\n"
+    return out
+
+
+CSV_COLUMNS = (
+    "role",
+    "model",
+    "artifact",
+    "runtime",
+    "status",
+    "reason",
+    "precision",
+    "peak_precision",
+    "device",
+    "threads",
+    "accuracy",
+    "agreement",
+    "num_images",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "mean_ms",
+    "min_ms",
+    "best_images_per_s",
+    "best_batch_size",
+    "throughput_at_max_batch",
+    "rss_increase_mb",
+    "peak_rss_mb",
+    "gpu_peak_mb",
+    "params",
+    "macs",
+    "size_bytes",
+    "speedup_p50",
+    "achieved_ops_per_s",
+    "peak_ops_per_s",
+    "fraction_of_peak",
+    "pareto",
+    "load_seconds",
+    "first_run_seconds",
+    "row_seconds",
+)
+
+
+def csv_table(report: dict[str, Any]) -> str:
+    """One CSV line per row (flat columns, :data:`CSV_COLUMNS`, then ``images_per_s_bs<N>`` per swept size)."""
+    sizes = report["settings"]["batch_sizes"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*CSV_COLUMNS, *(f"images_per_s_bs{b}" for b in sizes)])
+    for r in report["rows"]:
+        lat, mem, best = r.get("latency_ms") or {}, r.get("memory") or {}, r.get("best_throughput") or {}
+        flat = {
+            **r,
+            **{f"{k}_ms": lat.get(k) for k in ("p50", "p90", "p99", "mean", "min")},
+            "best_images_per_s": best.get("images_per_s"),
+            "best_batch_size": best.get("batch_size"),
+            **{k: mem.get(k) for k in ("rss_increase_mb", "peak_rss_mb", "gpu_peak_mb")},
+        }
+        per_size = {s["batch_size"]: s["images_per_s"] for s in r.get("throughput") or []}
+        cells = [flat.get(c) for c in CSV_COLUMNS] + [per_size.get(b) for b in sizes]
+        writer.writerow(["" if v is None else v for v in cells])
+    return buf.getvalue()
