@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -41,7 +40,7 @@ from export.to_onnx import MIN_OPSET, export_onnx
 from export.to_onnx_int8 import ACTIVATION_TYPES, quantize_onnx_int8
 from export.to_torchscript import export_torchscript
 from export.verify import ParityConfig, batch_plan, check_parity, reference_logits
-from train.checkpoint import load_checkpoint
+from train.checkpoint import file_sha256, load_checkpoint
 from train.errors import SlimforgeError
 
 logger = logging.getLogger(__name__)
@@ -170,14 +169,6 @@ def _onnx_int8(model: nn.Module, inputs: ExportInputs, path: Path, cfg: ExportCo
         fp32.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:  # noqa: D103
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _export_one(
     fmt: ArtifactFormat,
     model: nn.Module,
@@ -217,7 +208,7 @@ def _export_one(
         status="passed" if result.passed else "failed",
         passed=result.passed,
         bytes=target.stat().st_size,
-        sha256=_sha256(target),
+        sha256=file_sha256(target),
         precision=runtime.precision,
         parity=result.to_dict(),
     )
