@@ -6,7 +6,8 @@
 Each row is a real `accelerate launch` of train/train.py and train/distill.py (student timm resnet10t, teacher
 a random-init timm resnet18 checkpoint, embedded MNIST-5k at 32×32, the same per-rank micro-batch), and reads
 the run's summary.json: steady-state training images/s (3rd update to last, no evaluation) and the bytes of
-parameters + optimizer state each rank holds (train/memory.py). Strategies the machine cannot run are listed
+parameters + optimizer state each rank holds (train/memory.py), and the teacher parameter bytes each rank holds
+(the `+sharded-teacher` rows use train.teacher_placement=sharded). Strategies the machine cannot run are listed
 as skipped with the reason. The same script runs unchanged on a GPU machine.
 """
 
@@ -22,15 +23,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# name -> (launch config, processes)
+# name -> (launch config, processes, extra overrides)
 STRATEGIES = {
-    "single": ("single.yaml", 1),
-    "ddp": ("ddp.yaml", 2),
-    "zero1": ("zero1.yaml", 2),
-    "zero2": ("zero2.yaml", 2),
-    "zero3": ("zero3.yaml", 2),
-    "zero3-1proc": ("zero3.yaml", 1),
-    "fsdp": ("fsdp.yaml", 2),
+    "single": ("single.yaml", 1, ()),
+    "ddp": ("ddp.yaml", 2, ()),
+    "ddp+sharded-teacher": ("ddp.yaml", 2, ("train.teacher_placement=sharded",)),
+    "zero1": ("zero1.yaml", 2, ()),
+    "zero2": ("zero2.yaml", 2, ()),
+    "zero3": ("zero3.yaml", 2, ()),
+    "zero3+sharded-teacher": ("zero3.yaml", 2, ("train.teacher_placement=sharded",)),
+    "zero3-1proc": ("zero3.yaml", 1, ()),
+    "fsdp": ("fsdp.yaml", 2, ()),
 }
 
 
@@ -65,7 +68,7 @@ def make_teacher(folder: Path) -> Path:
 
 
 def run(name: str, entry: str, teacher: Path, out: Path, args) -> dict:
-    launch_config, nproc = STRATEGIES[name]
+    launch_config, nproc, extra = STRATEGIES[name]
     cmd = [
         str(BIN / "accelerate"),
         "launch",
@@ -86,6 +89,7 @@ def run(name: str, entry: str, teacher: Path, out: Path, args) -> dict:
         f"train.max_steps={args.steps}",
         "train.epochs=1000",
         "train.tensorboard=false",
+        *extra,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                         row[entry] = s["steady_images_per_second"]
                         row["memory"] = s["state_memory_per_rank"][0]
                         row["type"] = s["topology"]["sharding"]
+                        if entry == "distill":
+                            row["teacher_bytes"] = s["teacher_param_bytes_per_rank"][0]
                 except RuntimeError as e:
                     row["skipped"] = f"error: {e}"
             rows.append(row)
@@ -132,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r['strategy']} | {r['processes']} | {r['train']:.1f} | {r['distill']:.1f} | "
                 f"{r['train'] / r['distill']:.2f} |"
             )
-    print("\nStudent parameters + optimizer state held by one rank (MB)\n")
-    print("| strategy | params | optimizer state | total | vs single process | vs zero3-1proc |")
-    print("|---|---|---|---|---|---|")
+    print("\nStudent parameters + optimizer state, and teacher parameters, held by one rank (MB)\n")
+    print("| strategy | params | optimizer state | total | vs single process | vs zero3-1proc | teacher |")
+    print("|---|---|---|---|---|---|---|")
     z1 = next((r for r in rows if r["strategy"] == "zero3-1proc" and not r["skipped"]), None)
     for r in rows:
         if r["skipped"]:
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(
             f"| {r['strategy']} | {m['param_bytes'] / mb:.1f} | {m['optimizer_bytes'] / mb:.1f} | "
-            f"{total / mb:.1f} | {vs[0]} | {vs[1]} |"
+            f"{total / mb:.1f} | {vs[0]} | {vs[1]} | {r['teacher_bytes'] / mb:.1f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,13 +28,25 @@ def run_cmd(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | N
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def launch_args(launch_config: str, entry: str, config: str, *overrides: str) -> list[str]:
-    """The `accelerate launch` command line a user types, with ``configs/accelerate/<launch_config>``."""
+def free_port() -> int:
+    """A TCP port nothing listens on now: each launch gets its own rendezvous port, so concurrent test runs
+    (or a user's training on 29500) do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_args(launch_config: str, entry: str, config: str, *overrides: str, launcher: tuple = ()) -> list[str]:
+    """The `accelerate launch` command line a user types, with ``configs/accelerate/<launch_config>``.
+
+    ``launcher``: `accelerate launch` options (e.g. a node's rank and rendezvous) used instead of the default
+    ``--main_process_port <free port>``."""
     return [
         str(BIN / "accelerate"),
         "launch",
         "--config_file",
         f"configs/accelerate/{launch_config}",
+        *(launcher or ("--main_process_port", str(free_port()))),
         entry,
         "--config",
         config,

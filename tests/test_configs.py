@@ -37,3 +37,25 @@ def test_accelerate_config_is_a_launcher_config(path):
     data = yaml.safe_load(path.read_text())
     assert data["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
     assert data["num_processes"] >= 1
+
+
+def test_readme_config_reference_lists_every_key():
+    """The README's config table names every field of every section's dataclass (and no removed one)."""
+    import dataclasses
+    import re
+    import typing
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        m = re.match(r"\| `(\w+)`(?:, `(\w+)`)? \| `[^`]+` \| (.*) \|$", line)
+        if m:
+            keys = set(re.findall(r"(?:^|, )`(\w+)`", m.group(3)))
+            rows[m.group(1)] = keys
+    hints = typing.get_type_hints(RunConfig)
+    for section in ("model", "data", "optim", "loss", "train"):
+        cls = hints[section]
+        cls = next((a for a in typing.get_args(cls) if dataclasses.is_dataclass(a)), cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert section in rows, f"README config reference has no row for {section}"
+        assert rows[section] == fields, f"{section}: README lists {sorted(rows[section] ^ fields)} wrongly"

@@ -63,9 +63,12 @@ class TrainConfig:
     """How many resumable states to keep."""
     resume: bool = True
     """Resume from the newest complete state in ``output_dir/state/`` if there is one."""
-    teacher_placement: Literal["replicated"] = "replicated"
+    teacher_placement: Literal["replicated", "sharded"] = "replicated"
     """replicated: a full frozen copy of the teacher on every rank, outside any DDP/DeepSpeed/FSDP wrapper
-    (memory per rank = teacher weights + activations of one micro-batch; no communication)."""
+    (memory per rank = teacher weights + activations of one micro-batch; no communication). sharded: the
+    teacher's weights split across the ranks with FSDP2 for inference (1/world of them per rank, plus the
+    layers being gathered; an all-gather of the teacher per micro-batch); needs >= 2 processes. See
+    train/placement.py."""
 
     def validate(self) -> list[str]:
         p = []
@@ -316,8 +319,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from train.config import dump_yaml, to_dict
     from train.data import build_loader, describe, load_splits
     from train.optim import build_optimizer, build_scheduler, scaled_lr
+    from train.placement import place_teacher
     from train.state import load_train_state, save_train_state
-    from train.task import DistillationTask, SupervisedTask
+    from train.task import DistillationTask, SupervisedTask, freeze_
 
     out = Path(cfg.train.output_dir)
     final_ckpt = out / "checkpoint"
@@ -350,6 +354,12 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     spec.recipe = list(cfg.compress)
 
     accelerator = build_accelerator(cfg.train)
+    if distill and cfg.train.teacher_placement == "sharded" and accelerator.num_processes < 2:
+        raise SlimforgeError(
+            "train.teacher_placement=sharded splits the teacher across processes, and this run has one",
+            "launch with 2 or more processes (configs/accelerate/ddp.yaml, zero*.yaml, fsdp.yaml) or set "
+            "train.teacher_placement=replicated",
+        )
     topology = describe_topology(accelerator, cfg)
     lr = scaled_lr(cfg.optim, topology["global_batch"])
     optimizer = build_optimizer(student, cfg.optim, lr)
@@ -369,8 +379,10 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         total_steps = min(total_steps, cfg.train.max_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs * updates_per_epoch, lr)
     if teacher is not None:
-        # Replicated on every rank, outside any wrapper: no gradient sync, no optimizer state, not saved.
-        teacher = teacher.to(accelerator.device)
+        # Outside any wrapper Accelerate manages: no gradient sync, no optimizer state, not saved.
+        teacher = place_teacher(
+            freeze_(teacher), cfg.train.teacher_placement, accelerator.device, accelerator.num_processes
+        )
         task = DistillationTask(teacher, cfg.loss)
     else:
         task = SupervisedTask(cfg.loss)
@@ -487,9 +499,10 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
     from accelerate.utils import gather_object
 
-    from train.memory import state_memory
+    from train.memory import param_bytes, state_memory
 
     memory = gather_object([state_memory(accelerator.unwrap_model(student), optimizer)])
+    teacher_memory = gather_object([param_bytes(teacher)]) if teacher is not None else None
     steady = t_last - t_steady if t_steady is not None and t_last > t_steady else None
 
     summary: dict[str, Any] = {
@@ -511,6 +524,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         # Training steps only (no evaluation, no checkpointing), from the 3rd update to the last.
         "steady_images_per_second": round((images_last - images_steady) / steady, 1) if steady else None,
         "state_memory_per_rank": memory,
+        "teacher_param_bytes_per_rank": teacher_memory,
     }
     if teacher is not None:
         summary["teacher"] = f"{teacher_spec.source}:{teacher_spec.name}"

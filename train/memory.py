@@ -18,18 +18,31 @@ def _nbytes(tensors) -> int:
     return total
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank stores: ZeRO-3's ``ds_tensor``, an FSDP2 DTensor's local shard."""
+    local = getattr(p, "ds_tensor", None)
+    if local is not None:
+        return local
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of parameters resident on this rank (sharded parameters count their local shard)."""
+    return _nbytes(_local(p) for p in model.parameters())
+
+
 def state_memory(model: nn.Module, optimizer) -> dict[str, int]:
     """Parameter and optimizer-state bytes resident on this rank.
 
     Args:
-        model: The bare (unwrapped) model; under ZeRO-3 each parameter's local shard is ``p.ds_tensor``.
+        model: The bare (unwrapped) model; sharded parameters count their local shard.
         optimizer: The optimizer as prepared by Accelerate (wrappers are walked down to the torch optimizer).
 
     Returns:
         ``{"param_bytes", "optimizer_bytes"}``; optimizer bytes count the torch optimizer's state tensors plus
         DeepSpeed's FP32 partitions, each storage once.
     """
-    params = _nbytes(getattr(p, "ds_tensor", p) for p in model.parameters())
+    params = param_bytes(model)
     tensors, level, depth = [], optimizer, 0
     while level is not None and depth < 6:
         if isinstance(level, torch.optim.Optimizer):

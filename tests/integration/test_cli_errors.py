@@ -139,3 +139,14 @@ def test_the_script_exits_non_zero_without_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "model.nme: unknown key; did you mean 'name'?" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sharded_teacher_needs_several_processes(tmp_path, capsys, teacher_ckpt):
+    check_rejected(
+        capsys,
+        distill,
+        ["--config", TINY_DISTILL, f"teacher.checkpoint={teacher_ckpt}", "train.teacher_placement=sharded"],
+        tmp_path / "o",
+        "teacher_placement=sharded",
+        "launch with 2 or more processes",
+    )

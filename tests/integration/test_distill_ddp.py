@@ -7,6 +7,8 @@ import json
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import ROOT, launch_args, make_checkpoint, run_cmd
 from train.checkpoint import load_checkpoint
@@ -17,11 +19,7 @@ def _sha(path):
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
-@pytest.mark.slow
-def test_two_process_distillation_shards_data_and_keeps_replicas_identical(tmp_path):
-    teacher = make_checkpoint(tmp_path / "teacher", name="resnet18", seed=7)
-    teacher_sha = _sha(teacher)
-    out = tmp_path / "student"
+def _distill(teacher, out, *overrides):
     args = launch_args(
         "ddp.yaml",
         "train/distill.py",
@@ -29,9 +27,28 @@ def test_two_process_distillation_shards_data_and_keeps_replicas_identical(tmp_p
         f"teacher.checkpoint={teacher}",
         f"train.output_dir={out}",
         "train.record_samples=true",
+        *overrides,
     )
     proc = run_cmd(args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("teacher") / "checkpoint", name="resnet18", seed=7)
+
+
+@pytest.fixture(scope="module")
+def replicated_run(teacher, tmp_path_factory):
+    """The default placement: a full frozen teacher on each of the 2 ranks."""
+    return _distill(teacher, tmp_path_factory.mktemp("replicated") / "student")
+
+
+@pytest.mark.slow
+def test_two_process_distillation_shards_data_and_keeps_replicas_identical(teacher, replicated_run):
+    teacher_sha = _sha(teacher)
+    out = replicated_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
     assert summary["teacher"] == "timm:resnet18"
@@ -56,6 +73,27 @@ def test_two_process_distillation_shards_data_and_keeps_replicas_identical(tmp_p
         "kd" in r for r in records if r["split"] == "train"
     )
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").rglob("events.out.tfevents*"))
+
+
+@pytest.mark.slow
+def test_sharded_teacher_trains_the_same_student_holding_half_the_teacher_per_rank(teacher, replicated_run, tmp_path):
+    out = _distill(teacher, tmp_path / "student", "train.teacher_placement=sharded")
+    summary = json.loads((out / "summary.json").read_text())
+    reference = json.loads((replicated_run / "summary.json").read_text())
+    assert summary["topology"]["teacher_placement"] == "sharded"
+
+    full = sum(p.numel() * 4 for p in load_checkpoint(teacher)[0].parameters())
+    assert reference["teacher_param_bytes_per_rank"] == [full, full]
+    for held in summary["teacher_param_bytes_per_rank"]:
+        assert 0.45 < held / full < 0.55, f"rank holds {held / full:.3f} of the teacher"
+
+    # The gathered teacher computes the same logits, so the student follows the same trajectory.
+    assert summary["teacher_val_acc"] == reference["teacher_val_acc"]
+    a = load_file(out / "checkpoint" / "model.safetensors")
+    b = load_file(replicated_run / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=f"{k} differs")
 
 
 @pytest.mark.slow

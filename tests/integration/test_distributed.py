@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, launch_args, run_cmd, tiny_data_config
+from tests.conftest import ROOT, free_port, launch_args, run_cmd, tiny_data_config
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import describe
 from train.models import ModelConfig, build_model
@@ -204,3 +204,37 @@ def test_missing_rng_state_on_resume_is_an_error(tmp_path, tiny_teacher):
     proc = launch("single.yaml", "train/distill.py", config, *common)
     assert proc.returncode != 0  # the entry exits 2; `accelerate launch` reports any failure as 1
     assert "is missing random_states_0.pkl" in proc.stderr and "fix: " in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_node_launch_with_the_multinode_template(tmp_path, tiny_teacher):
+    """The README's two-node command, both "nodes" on this machine: one launcher per node, one process each,
+    rendezvous on node 0's address. The ranks are on different nodes (local rank 0 each) and stay in sync."""
+    port = str(free_port())
+    out = tmp_path / "run"
+    overrides = [
+        f"teacher.checkpoint={tiny_teacher}",
+        "model.source=factory",
+        "model.name=tests.factories:tiny_convnet",
+        "data.image_size=16",
+        "train.epochs=1",
+        "train.record_samples=true",
+        "train.tensorboard=false",
+        f"train.output_dir={out}",
+    ]
+    env = dict(os.environ, **ENV, PYTHONUNBUFFERED="1")
+    nodes = []
+    for node_rank in ("0", "1"):
+        launcher = ("--num_machines", "2", "--num_processes", "2", "--machine_rank", node_rank)
+        launcher += ("--main_process_ip", "127.0.0.1", "--main_process_port", port)
+        args = launch_args(
+            "multinode.yaml", "train/distill.py", "configs/debug/tiny_distill.yaml", *overrides, launcher=launcher
+        )
+        nodes.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    logs = [p.communicate(timeout=600)[0].decode() for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    topology = json.loads((out / "summary.json").read_text())["topology"]
+    assert topology["world_size"] == 2
+    assert [(r["rank"], r["local_rank"]) for r in topology["ranks"]] == [(0, 0), (1, 0)]
+    digests = {json.loads((out / "ranks" / f"rank{r}.json").read_text())["state_sha256"] for r in (0, 1)}
+    assert len(digests) == 1

@@ -1,0 +1,65 @@
+"""Where the frozen teacher lives on each rank (``train.teacher_placement``).
+
+``replicated``: a full copy on every rank, outside any DDP/DeepSpeed/FSDP wrapper. No communication; memory per
+rank = the whole teacher.
+
+``sharded``: the teacher's parameters are split across the ranks with PyTorch FSDP2 (``fully_shard``), for
+inference only: each forward all-gathers one unit (a group of layers) at a time and frees it again
+(``reshard_after_forward``), so a rank holds ``1/world`` of the teacher plus the largest unit or two being
+gathered. It works under every multi-process launch (DDP, DeepSpeed ZeRO-*, FSDP), on GPUs (NCCL) and on CPU
+(gloo), because it only needs torch's default process group. The price is an all-gather of the whole teacher
+per micro-batch on every rank.
+
+In both placements the teacher is frozen, runs under ``torch.no_grad``, never enters the optimizer and is never
+written to a checkpoint or a resumable state (it is not handed to ``accelerator.prepare``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Placement = Literal["replicated", "sharded"]
+
+# A sharded teacher is split into about this many FSDP units (plus the root): the peak memory of a forward is
+# the rank's shard plus roughly one or two gathered units (the one running and the one prefetched).
+SHARD_UNITS = 16
+
+
+def place_teacher(teacher: nn.Module, placement: Placement, device: torch.device, world_size: int) -> nn.Module:
+    """Moves the frozen ``teacher`` to ``device``, sharding it across the default process group if asked.
+
+    Args:
+        teacher: The bare, frozen teacher (on CPU).
+        placement: ``replicated`` or ``sharded``.
+        device: This rank's device.
+        world_size: Processes in the default process group (must be > 1 for ``sharded``; the engine checks).
+
+    Returns:
+        The teacher, ready for ``teacher(images)`` on ``device`` (sharded: an FSDP2 module).
+    """
+    if placement == "replicated":
+        return teacher.to(device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    total = sum(p.numel() for p in teacher.parameters())
+    min_params = max(1, total // SHARD_UNITS)
+
+    def shard_units(module: nn.Module) -> int:
+        """Post-order: a module becomes a unit once it holds ``min_params`` not yet in a unit below it."""
+        pending = sum(p.numel() for p in module.parameters(recurse=False))
+        for child in module.children():
+            pending += shard_units(child)
+        if module is not teacher and pending >= min_params:
+            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+            return 0
+        return pending
+
+    shard_units(teacher)
+    # The root holds what no unit took; fully_shard also moves the buffers (BatchNorm statistics) to the device.
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+    return teacher
