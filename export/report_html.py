@@ -126,7 +126,13 @@ def pareto_png(report: dict[str, Any]) -> bytes | None:
         ax.scatter([], [], s=120, facecolors="none", edgecolors="firebrick", linewidths=2, label="recommended")
     lats = [r["latency_ms"]["p50"] for r in rows]
     if max(lats) / min(lats) > 4:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_xscale("log")
+        # Plain numbers at 1-2-5 steps; matplotlib's default labels minor ticks as overlapping 3×10^-1, 4×10^-1.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     for rt in runtimes:
         ax.scatter([], [], marker="o", color=colour[rt], edgecolors="black", linewidths=0.6, label=rt)
     for name, marker in (*_MARKERS.items(), ("mixed", "v")):

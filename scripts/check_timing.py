@@ -4,10 +4,12 @@
         --onnx runs/mnist/export/model.onnx
 
 Runs the benchmark (default settings: each row in its own process, 200 timed runs) on the checkpoint in PyTorch
-eager and its ONNX export in ONNX Runtime, and times the same two models here without any slimforge timing code:
-``torch.utils.benchmark.Timer`` for eager and a bare ``session.run`` loop for ONNX Runtime. The two alternate for
-``--rounds`` rounds so that drift from other load hits both sides alike; the medians over rounds are compared.
-Prints every number and the ratios; exit 0 when every ratio is within ``--tolerance`` (10%), 1 otherwise.
+eager and its ONNX export in ONNX Runtime, and times the same two models without any slimforge timing code:
+``torch.utils.benchmark.Timer`` for eager and a bare ``session.run`` loop for ONNX Runtime, each in a fresh
+process of its own as the benchmark's rows are. The two alternate for ``--rounds`` rounds so that drift in the
+machine's speed (on this shared VM the same ORT loop moves between ~0.25 and ~0.33 ms for minutes at a time)
+hits both sides alike; the medians over rounds are compared. Prints every number and the ratios; exit 0 when
+every ratio is within ``--tolerance`` (10%), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -26,8 +28,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=200, help="timed batch-1 runs, both sides (%(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, both sides (all usable cores)")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed |ratio - 1| (%(default)s)")
-    p.add_argument("--rounds", type=int, default=3, help="alternations of independent loops and benchmark")
+    p.add_argument("--rounds", type=int, default=5, help="alternations of independent loops and benchmark")
+    p.add_argument("--loop", choices=["torch-eager", "ort-cpu"], help=argparse.SUPPRESS)  # one independent loop
     return p.parse_args(argv)
+
+
+def independent_ms(args: argparse.Namespace, loop: str, threads: int) -> float:
+    """Runs one independent loop in a fresh interpreter (this script with ``--loop``) and returns its median."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--onnx", args.onnx, "--loop", loop]
+    cmd += ["--runs", str(args.runs), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def first_image(checkpoint: str):
+    """The first validation image of the checkpoint's dataset, preprocessed for its model: ``[1, C, H, W]``."""
+    from export.evaldata import ValidationSet, data_config_from_meta
+    from train.checkpoint import read_meta
+    from train.models import ModelSpec
+
+    meta = read_meta(checkpoint)
+    return ValidationSet(data_config_from_meta(meta), 1).images_for(ModelSpec.from_dict(meta["model"]))[:1]
 
 
 def eager_median_ms(checkpoint: str, image, threads: int, runs: int) -> float:
@@ -73,26 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from export.bench import BenchConfig, run_benchmark
-    from export.evaldata import ValidationSet, data_config_from_meta
     from export.report import configure_logging, load_average
     from export.runtimes import default_threads
-    from train.checkpoint import read_meta
-    from train.models import ModelSpec
 
-    configure_logging()
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
-    meta = read_meta(args.checkpoint)
-    image = ValidationSet(data_config_from_meta(meta), 1).images_for(ModelSpec.from_dict(meta["model"]))[:1]
-    host = np.ascontiguousarray(image.numpy())
+    if args.loop:
+        image = first_image(args.checkpoint)
+        if args.loop == "torch-eager":
+            print(eager_median_ms(args.checkpoint, image, threads, args.runs))
+        else:
+            print(ort_median_ms(args.onnx, np.ascontiguousarray(image.numpy()), threads, args.runs))
+        return 0
+    configure_logging()
     print(f"threads {threads}, {args.runs} runs, load average {load_average()} at start", flush=True)
 
     cfg = BenchConfig(runs=args.runs, batch_sizes=[1], threads=threads, max_images=32, peak_seconds=0, progress=False)
     independent: dict[str, list[float]] = {"torch-eager": [], "ort-cpu": []}
     bench: dict[str, list[float]] = {"torch-eager": [], "ort-cpu": []}
     for r in range(args.rounds):
-        independent["torch-eager"].append(eager_median_ms(args.checkpoint, image, threads, args.runs))
-        independent["ort-cpu"].append(ort_median_ms(args.onnx, host, threads, args.runs))
+        for loop in independent:
+            independent[loop].append(independent_ms(args, loop, threads))
         report = run_benchmark(args.checkpoint, [f"{args.onnx}@ort-cpu"], cfg)
         for row in report["rows"]:
             if row["status"] != "ok":

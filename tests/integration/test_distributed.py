@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -183,6 +184,40 @@ def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teac
     for step in after:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), f"step {step}"
     assert relative_difference(weights(run / "checkpoint"), weights(reference / "checkpoint")) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch_config", ["zero2.yaml", "zero3.yaml"])
+def test_deepspeed_run_resumes_from_its_sharded_state(tmp_path, tiny_teacher, launch_config):
+    """A ZeRO run that died after the state of update 4 continues, from DeepSpeed's sharded model and optimizer
+    files and every rank's RNG, onto the uninterrupted run's losses and final weights."""
+    config = "configs/debug/tiny_equivalence.yaml"
+    out = tmp_path / "run"
+    common = [
+        f"teacher.checkpoint={tiny_teacher}",
+        f"train.output_dir={out}",
+        "data.batch_size=16",
+        "data.augment=true",
+        "train.max_steps=8",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+    ]
+    proc = launch(launch_config, "train/distill.py", config, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, reference = train_losses(out), weights(out / "checkpoint")
+    state = out / "state" / "step_00000004"
+    assert any(state.glob("pytorch_model*/*optim_states.pt")), "DeepSpeed's sharded optimizer state"
+    # As if the run had died between the state of update 4 and the end.
+    shutil.rmtree(out / "checkpoint")
+    (out / "summary.json").unlink()
+
+    proc = launch(launch_config, "train/distill.py", config, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 4
+    got = train_losses(out)  # the resumed updates 5..8 were appended to metrics.jsonl, the later values win
+    for step in range(5, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), f"update {step}"
+    assert relative_difference(weights(out / "checkpoint"), reference) < 1e-6
 
 
 def test_missing_rng_state_on_resume_is_an_error(tmp_path, tiny_teacher):
