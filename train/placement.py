@@ -39,6 +39,14 @@ def place_teacher(teacher: nn.Module, placement: Placement, device: torch.device
 
     Returns:
         The teacher, ready for ``teacher(images)`` on ``device`` (sharded: an FSDP2 module).
+
+    Example:
+        Inside a launched run with the default process group up (every rank calls it, then every forward is a
+        collective: all ranks must run the teacher on the same number of batches)::
+
+            teacher = place_teacher(freeze_(teacher), "sharded", accelerator.device, accelerator.num_processes)
+            with torch.no_grad():
+                logits = teacher(images)  # [B, num_classes]
     """
     if placement == "replicated":
         return teacher.to(device)
