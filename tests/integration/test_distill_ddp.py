@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, launch_args, make_checkpoint, run_cmd
+from tests.conftest import BIN, ROOT, free_port, launch_args, make_checkpoint, run_cmd
 from train.checkpoint import load_checkpoint
 from train.models import ModelConfig, build_model
 
@@ -94,6 +94,19 @@ def test_sharded_teacher_trains_the_same_student_holding_half_the_teacher_per_ra
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=f"{k} differs")
+
+
+@pytest.mark.slow
+def test_sharded_placement_gives_the_replicated_logits_on_several_architectures():
+    args = [str(BIN / "accelerate"), "launch", "--config_file", "configs/accelerate/ddp.yaml"]
+    args += ["--main_process_port", str(free_port()), "tests/integration/sharded_teacher_check.py"]
+    proc = run_cmd(args, env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 4
+    for r in results:
+        assert r["max_abs_diff"] < 1e-5, r
+        assert 0.45 < r["held"] < 0.55, r
 
 
 @pytest.mark.slow
