@@ -599,7 +599,11 @@ class OrtTensorRT(OrtCuda):
             try:
                 ctypes.CDLL("libnvinfer.so.10")
             except OSError:
-                return False, "TensorRT's libnvinfer is not installed (pip install tensorrt)"
+                return False, (
+                    "TensorRT's libnvinfer.so.10 is not on the library path: install TensorRT 10 for the CUDA "
+                    "version of onnxruntime-gpu (e.g. pip install 'tensorrt-cu13<11') and add its library folder "
+                    "(site-packages/tensorrt_libs for the pip wheel) to LD_LIBRARY_PATH"
+                )
         return True, ""
 
 
