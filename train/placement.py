@@ -6,9 +6,9 @@ rank = the whole teacher.
 ``sharded``: the teacher's parameters are split across the ranks with PyTorch FSDP2 (``fully_shard``), for
 inference only: each forward all-gathers one unit (a group of layers) at a time and frees it again
 (``reshard_after_forward``), so a rank holds ``1/world`` of the teacher plus the largest unit or two being
-gathered. It works under every multi-process launch (DDP, DeepSpeed ZeRO-*, FSDP), on GPUs (NCCL) and on CPU
-(gloo), because it only needs torch's default process group. The price is an all-gather of the whole teacher
-per micro-batch on every rank.
+gathered. It needs only torch's default process group, so it is independent of how the student is wrapped
+(DDP, DeepSpeed ZeRO-*, FSDP); it has been run on CPU (gloo) under DDP, ZeRO-2 and ZeRO-3, not yet on GPUs.
+The price is an all-gather of the whole teacher per micro-batch on every rank.
 
 In both placements the teacher is frozen, runs under ``torch.no_grad``, never enters the optimizer and is never
 written to a checkpoint or a resumable state (it is not handed to ``accelerator.prepare``).
