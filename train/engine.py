@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from train.errors import ModelError, SlimforgeError
+from train.placement import Placement
 
 if TYPE_CHECKING:
     from train.schema import RunConfig
@@ -63,7 +64,7 @@ class TrainConfig:
     """How many resumable states to keep."""
     resume: bool = True
     """Resume from the newest complete state in ``output_dir/state/`` if there is one."""
-    teacher_placement: Literal["replicated", "sharded"] = "replicated"
+    teacher_placement: Placement = "replicated"
     """replicated: a full frozen copy of the teacher on every rank, outside any DDP/DeepSpeed/FSDP wrapper
     (memory per rank = teacher weights + activations of one micro-batch; no communication). sharded: the
     teacher's weights split across the ranks with FSDP2 for inference (1/world of them per rank, plus the
