@@ -7,7 +7,7 @@ rebuilds the same structure (e.g. pruned channels, factorised layers) before loa
 
 Example:
     >>> import torch
-    >>> from compress.api import register_method, apply_recipe_
+    >>> from slimforge.compress.api import register_method, apply_recipe_
     >>> @register_method("zero_bias")
     ... def _zero_bias(model, options):
     ...     for m in model.modules():

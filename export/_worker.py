@@ -1,9 +1,9 @@
-"""Measures one benchmark row in a fresh process: ``python -m export._worker JOB.json``.
+"""Measures one benchmark row in a fresh process: ``python -m slimforge.export._worker JOB.json``.
 
 The job file names the runtime, the artifact, a ``.npy`` of preprocessed images, the timing settings and where
-to write the result. The result is :func:`export.measure.measure_artifact`'s dict, or ``{"error", "fix"}``;
+to write the result. The result is :func:`slimforge.export.measure.measure_artifact`'s dict, or ``{"error", "fix"}``;
 a process that dies without writing one (a segfault in a native runtime) is reported by the parent from its exit
-status and stderr. Not a user entry point: :mod:`export.bench` starts it.
+status and stderr. Not a user entry point: :mod:`slimforge.export.benchmarking` starts it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.measure import TimingConfig, measure_artifact
-    from export.report import write_json
-    from train.errors import SlimforgeError
+    from slimforge.export.measure import TimingConfig, measure_artifact
+    from slimforge.export.report import write_json
+    from slimforge.train.errors import SlimforgeError, first_line
 
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"error": e.problem, "fix": e.fix}
     except Exception as e:  # report it as this row's error; the traceback goes to stderr for -v
         traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        result = {"error": f"{type(e).__name__}: {first[:300]}", "fix": ""}
+        result = {"error": first_line(e), "fix": ""}
     write_json(job["result"], result)
     return 0
 

@@ -15,21 +15,16 @@ Exit codes: 0 the report completed; 2 bad input (teacher checkpoint, data, optio
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: export/ must not shadow the `export` package
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-
 import argparse
+import sys
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from export.bench import SELECTIONS, BenchConfig
-    from export.runtimes import available_runtimes
+    from slimforge.export.benchmarking.config import SELECTIONS, BenchConfig
+    from slimforge.export.runtimes import available_runtimes
 
     d = BenchConfig()
+    t = d.timing
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher checkpoint dir (FP32 eager; DIR@RUNTIME)")
     p.add_argument("--student", nargs="+", required=True, metavar="ARTIFACT", help="artifacts, PATH or PATH@RUNTIME")
@@ -42,10 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME",
         help=f"runtimes for artifacts that name none: default, all, or names from {', '.join(available_runtimes())}",
     )
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=d.batch_sizes, help="throughput sweep %(default)s")
-    p.add_argument("--runs", type=int, default=d.runs, help="timed batch-1 runs (%(default)s)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs before each series (%(default)s)")
-    p.add_argument("--throughput-runs", type=int, default=d.throughput_runs, help="timed runs per batch size")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=t.batch_sizes, help="throughput sweep %(default)s")
+    p.add_argument("--runs", type=int, default=t.runs, help="timed batch-1 runs (%(default)s)")
+    p.add_argument("--warmup", type=int, default=t.warmup, help="untimed runs before each series (%(default)s)")
+    p.add_argument("--throughput-runs", type=int, default=t.throughput_runs, help="timed runs per batch size")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads of every runtime (all cores)")
     p.add_argument("--max-images", type=int, default=d.max_images, help="validation images (%(default)s)")
     p.add_argument(
@@ -69,17 +64,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    from export.bench import BenchConfig, run_benchmark, write_benchmark
-    from export.report import configure_logging, markdown_table
-    from train.errors import SlimforgeError
+    from slimforge.export.benchmarking import BenchConfig, run_benchmark, write_benchmark
+    from slimforge.export.measure import TimingConfig
+    from slimforge.export.report import configure_logging, markdown_table
+    from slimforge.train.errors import SlimforgeError, report_error
 
     configure_logging(args.verbose)
-    cfg = BenchConfig(
+    timing = TimingConfig(
         batch_sizes=args.batch_sizes,
         runs=args.runs,
         warmup=args.warmup,
         throughput_runs=args.throughput_runs,
         threads=args.threads,
+    )
+    cfg = BenchConfig(
+        timing=timing,
         max_images=args.max_images,
         data_overrides=args.data,
         runtimes=args.runtimes,
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_benchmark(args.teacher, args.student, cfg)
         paths = write_benchmark(report, args.out)
     except SlimforgeError as e:
-        print(f"error: {e.problem}" + (f"\n  fix: {e.fix}" if e.fix else ""), file=sys.stderr)
-        return 2
+        return report_error(e)
     print(markdown_table(report))
     print(f"report ({report['wall_seconds']} s): " + " ".join(str(p) for p in paths.values()))
     return 0

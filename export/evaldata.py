@@ -1,13 +1,13 @@
 """Validation images of a checkpoint's dataset, as tensors: the one source of images for parity and benchmarks.
 
-A training checkpoint records the :class:`~train.data.DataConfig` it was trained on (``meta["extra"]["data"]``),
-so export and benchmark load *real* validation images without the training config. Each model gets the images
-through its own eval transform (input size, channels and normalisation from its :class:`ModelSpec`), while the
-sample order is shared, so a student and its teacher are compared image by image.
+A training checkpoint records the :class:`~slimforge.train.data.DataConfig` it was trained on
+(``meta["extra"]["data"]``), so export and benchmark load *real* validation images without the training config.
+Each model gets the images through its own eval transform (input size, channels and normalisation from its
+:class:`ModelSpec`), while the sample order is shared, so a student and its teacher are compared image by image.
 
 Example:
-    >>> from train.checkpoint import load_checkpoint
-    >>> from export.evaldata import ValidationSet, data_config_from_meta
+    >>> from slimforge.train.checkpoint import load_checkpoint
+    >>> from slimforge.export.evaldata import ValidationSet, data_config_from_meta
     >>> model, spec, meta = load_checkpoint("runs/teacher/checkpoint")  # doctest: +SKIP
     >>> val = ValidationSet(data_config_from_meta(meta), max_images=256)  # doctest: +SKIP
     >>> val.images_for(spec).shape  # doctest: +SKIP
@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from train.config import apply_overrides, from_dict
-from train.data import DataConfig, Splits, load_splits, with_transform
-from train.errors import DataError
-from train.models import ModelSpec
+from slimforge.train.config import apply_overrides, from_dict
+from slimforge.train.data import DataConfig, Splits, load_splits, with_transform
+from slimforge.train.errors import DataError
+from slimforge.train.models import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -12,18 +12,13 @@ Exit codes: 0 every artifact passed; 1 an artifact failed export or parity; 2 ba
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: export/ must not shadow the `export` package
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-
-import argparse
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from export.api import ExportConfig, available_formats
+    from slimforge.export.artifacts import ExportConfig, available_formats
 
     d = ExportConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,10 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from export.api import REPORT, ExportConfig, export_checkpoint, failure_message
-    from export.report import configure_logging
-    from export.verify import ParityConfig
-    from train.errors import SlimforgeError
+    from slimforge.export.artifacts import REPORT, ExportConfig, export_checkpoint, failure_message
+    from slimforge.export.report import configure_logging
+    from slimforge.export.verify import ParityConfig
+    from slimforge.train.errors import SlimforgeError, report_error
 
     configure_logging(args.verbose)
     cfg = ExportConfig(
@@ -81,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = export_checkpoint(args.checkpoint, args.out, cfg)
     except SlimforgeError as e:
-        print(f"error: {e.problem}" + (f"\n  fix: {e.fix}" if e.fix else ""), file=sys.stderr)
-        return 2
+        return report_error(e)
     report_path = os.path.join(args.out, REPORT)
     if not report["passed"]:
         print(f"error: {failure_message(report)}\n  report: {report_path}", file=sys.stderr)

@@ -1,9 +1,9 @@
 """One benchmark row: load an artifact in a runtime, predict the validation images, time it, watch its memory.
 
 :func:`measure_artifact` is what every row of the benchmark runs, in the benchmark's process or — by default —
-in a fresh one (:mod:`export._worker`), so each row's peak memory is its own and a runtime that crashes takes
+in a fresh one (:mod:`slimforge.export._worker`), so each row's peak memory is its own and a runtime that crashes takes
 only its row down. It knows nothing about teachers or reports: it returns predictions and raw timings, and
-:mod:`export.bench` turns them into accuracy, agreement, speedups and fractions of peak.
+:mod:`slimforge.export.benchmarking` turns them into accuracy, agreement, speedups and fractions of peak.
 
 Timing: every call returns only once its logits are ready (:meth:`Runtime.forward`); ``warmup`` untimed calls
 precede each timed series; batch-1 latency is ``runs`` single calls on one real image, throughput is
@@ -16,7 +16,7 @@ images. Where the reset is refused, the process's lifetime peak is reported inst
 On a GPU, PyTorch runtimes also report ``torch.cuda.max_memory_allocated``.
 
 Example:
-    >>> from export.measure import TimingConfig, measure_artifact
+    >>> from slimforge.export.measure import TimingConfig, measure_artifact
     >>> result = measure_artifact("ort-cpu", "out/model.onnx", images, TimingConfig(runs=200))  # doctest: +SKIP
     >>> result["latency_ms"]["p50"]  # doctest: +SKIP
     0.41
@@ -35,23 +35,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.runtimes import Runtime, get_runtime
-from export.verify import run_batches
-from train.errors import ExportError
+from slimforge.export.runtimes import Runtime, get_runtime
+from slimforge.export.verify import run_batches
+from slimforge.train.config import at_least
+from slimforge.train.errors import ExportError, first_line
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TimingConfig:
-    """How one row is timed (the timing part of :class:`export.bench.BenchConfig`)."""
+    """How one row is timed (the ``timing`` part of :class:`slimforge.export.benchmarking.BenchConfig`)."""
 
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    """Throughput sweep."""
     runs: int = 200
+    """Timed batch-1 runs for the latency percentiles."""
     warmup: int = 10
+    """Untimed runs before each timed series (allocator, kernel selection, caches)."""
     throughput_runs: int = 20
+    """Timed runs per batch size of the sweep."""
     threads: int | None = None
+    """Intra-op CPU threads of every runtime (and of the peak measurement); ``None``: all usable cores."""
     eval_batch_size: int = 32
+    """Batch size of the accuracy pass."""
+
+    def validate(self) -> list[str]:
+        p = [] if self.batch_sizes else ["batch_sizes: name at least one batch size"]
+        p += [f"batch_sizes: {b} must be >= 1" for b in self.batch_sizes if b < 1]
+        return (
+            p + at_least(self, 1, "runs", "throughput_runs", "eval_batch_size", "threads") + at_least(self, 0, "warmup")
+        )
 
 
 def _status_kb(key: str) -> int | None:
@@ -215,7 +229,7 @@ def measure_artifact(runtime: str, artifact: str | os.PathLike, images: np.ndarr
             t = time_forward(rt, _batch(images, size), cfg.throughput_runs, cfg.warmup)
         except Exception as e:  # e.g. out of memory at a large batch: name the size that failed
             raise ExportError(
-                f"runtime {runtime} failed at batch size {size}: {type(e).__name__}: {str(e).strip()[:200]}",
+                f"runtime {runtime} failed at batch size {size}: {first_line(e, 200)}",
                 "drop that size from --batch-sizes",
             ) from None
         sweep.append({"batch_size": size, "images_per_s": size * len(t) / t.sum(), "ms_per_batch": 1e3 * t.mean()})

@@ -19,7 +19,7 @@ that over the peak of the precision it computed in (:func:`peak_key`). Elementwi
 so a fraction measures how well the runtime keeps the matrix units busy, not total work.
 
 Example:
-    >>> from export.peak import measure_peaks, fraction_of_peak
+    >>> from slimforge.export.peak import measure_peaks, fraction_of_peak
     >>> peaks = measure_peaks(threads=2, seconds=1.0)  # doctest: +SKIP
     >>> peaks["cpu"]["fp32"]["ops_per_s"]  # doctest: +SKIP
     4.1e11
@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.runtimes import PRECISIONS, cpu_has_bf16
+from slimforge.export.machine import cpu_has_bf16
+from slimforge.export.runtimes import PRECISIONS
+from slimforge.train.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ def _ort_matmul(n: int, integer: bool, threads: int) -> Callable[[], Any]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from slimforge.export.runtimes.ort import session_options
+
     rng = np.random.default_rng(0)
     if integer:
         a = rng.integers(0, 255, (n, n), dtype=np.uint8)
@@ -94,10 +98,7 @@ def _ort_matmul(n: int, integer: bool, threads: int) -> Callable[[], Any]:
         [b],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so = session_options(threads)
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     onnx.checker.check_model(model)
     return lambda: session.run(None, {"A": a})
@@ -124,7 +125,7 @@ def _best(kernels: dict[str, Callable[[], Callable[[], Any]]], ops: float, secon
         try:
             rates[name] = _rate(build(), ops, seconds, sync)
         except Exception as e:  # a kernel this build lacks (e.g. torch._int_mm on some CPUs) is not fatal
-            rates[name] = f"unavailable: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
+            rates[name] = f"unavailable: {first_line(e, 200)}"
             logger.debug("peak kernel %s failed", name, exc_info=True)
     measured = {k: v for k, v in rates.items() if isinstance(v, float)}
     if not measured:

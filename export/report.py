@@ -1,6 +1,6 @@
 """Report plumbing: atomic JSON/text files, the machine fingerprint, the benchmark's Markdown and CSV tables.
 
-The HTML page with the Pareto plot is :mod:`export.report_html`.
+The HTML page with the Pareto plot is :mod:`slimforge.export.report_html`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,9 @@ import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -58,98 +54,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries that produce or run artifacts (``None`` when not installed)."""
-    from importlib import metadata
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    versions.update({dist: version(dist) for dist in ("numpy", "onnx", "timm", "openvino")})
-    # onnxruntime and onnxruntime-gpu ship the same module; say which one is installed.
-    ort = [f"{v} ({dist})" for dist in ("onnxruntime-gpu", "onnxruntime") if (v := version(dist))]
-    versions["onnxruntime"] = ", ".join(ort) or None
-    return versions
-
-
-def _gpu() -> dict[str, Any]:
-    if not torch.cuda.is_available():
-        return {"gpu": None, "gpu_driver": None, "cuda": torch.version.cuda}
-    driver = None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        driver = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_count": torch.cuda.device_count(),
-        "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
-        "gpu_driver": driver,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-    }
-
-
-def load_average() -> float | None:
-    """The 1-minute load average (``None`` where the OS has none)."""
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
-_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
-
-
-def machine_fingerprint(threads: int | None = None) -> dict[str, Any]:
-    """What a latency number depends on: CPU model, cores and the features that pick kernels, the threads the
-    benchmark used, memory, GPU and driver, library versions, and the load average when it started."""
-    from export.runtimes import cpu_flags, default_threads
-
-    flags = cpu_flags()
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": default_threads(),
-        "threads": threads,
-        "cpu_features": [f for f in _FLAGS if f in flags] or None,
-        "memory_gb": _memory_gb(),
-        "platform": platform.platform(),
-        # Other processes' load makes latencies noisy: record it next to the numbers it affects.
-        "load_avg_1m": load_average(),
-    }
-    info.update(_gpu())
-    info.update(library_versions())
-    return info
 
 
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
@@ -219,7 +123,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def headline(report: dict[str, Any]) -> str:
     """One paragraph: machine, threads, data, timing settings."""
-    m, s, d = report["machine"], report["settings"], report["data"]
+    m, s, d = report["machine"], report["settings"]["timing"], report["data"]
     data = d["source"] if d["source"] in ("synthetic", "imagefolder") else f"{d['source']}:{d['name']}"
     return (
         f"Benchmark on {m['cpu']} ({m['usable_cores']} usable cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
@@ -327,7 +231,7 @@ CSV_COLUMNS = (
 
 def csv_table(report: dict[str, Any]) -> str:
     """One CSV line per row (flat columns, :data:`CSV_COLUMNS`, then ``images_per_s_bs<N>`` per swept size)."""
-    sizes = report["settings"]["batch_sizes"]
+    sizes = report["settings"]["timing"]["batch_sizes"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([*CSV_COLUMNS, *(f"images_per_s_bs{b}" for b in sizes)])

@@ -3,7 +3,7 @@ drawn with matplotlib's Agg canvas, no display needed), the summary table, skipp
 reasons, the throughput sweep, what each runtime computed in, the measured peaks, the machine and the method.
 
 Example:
-    >>> from export.report_html import html_report, pareto_png
+    >>> from slimforge.export.report_html import html_report, pareto_png
     >>> Path("bench/benchmark.html").write_text(html_report(report))  # doctest: +SKIP
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from export.report import headline, over_peak_warning, peaks_line, table_rows
-from train.errors import ExportError
+from slimforge.export.report import headline, over_peak_warning, peaks_line, table_rows
+from slimforge.train.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def pareto_png(report: dict[str, Any]) -> bytes | None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_xlabel("latency at batch 1, p50 (ms)" + (", log scale" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel("validation accuracy (%)")
-    title = f"Accuracy vs latency — {report['machine']['cpu']}, {report['settings']['threads']} threads"
+    title = f"Accuracy vs latency — {report['machine']['cpu']}, {report['settings']['timing']['threads']} threads"
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.margins(x=0.15, y=0.3)
@@ -188,6 +188,7 @@ def html_report(report: dict[str, Any]) -> str:
     esc = html.escape
     rows = report["rows"]
     rec = report.get("recommendation")
+    timing = report["settings"]["timing"]
     png = pareto_png(report)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>slimforge benchmark</title>",
@@ -239,7 +240,7 @@ def html_report(report: dict[str, Any]) -> str:
         parts.append(f"<h2>Runtimes not selected</h2><p class=head>Add with --runtimes NAME or all.</p><ul>{items}")
         parts.append("</ul>")
 
-    sizes = report["settings"]["batch_sizes"]
+    sizes = report["settings"]["timing"]["batch_sizes"]
     sweep_rows, precision_rows = [], []
     for r in rows:
         if r["status"] != "ok":
@@ -306,7 +307,7 @@ def html_report(report: dict[str, Any]) -> str:
         + ("each row is measured in a fresh process. " if report["settings"].get("isolate") else "")
         + "Accuracy is against the labels, agreement is top-1 agreement with the FP32 eager teacher.</li>",
         "<li>Latency: single-image calls after warm-up, each returning once the logits are ready; p50/p90/p99 over "
-        f"{report['settings']['runs']} runs. Throughput: {report['settings']['throughput_runs']} calls per batch "
+        f"{timing['runs']} runs. Throughput: {timing['throughput_runs']} calls per batch "
         "size.</li>",
         "<li>Memory: the process's peak resident set is reset (Linux /proc/self/clear_refs) just before the artifact "
         "is loaded and read after the last timed call; mem MB is that peak minus the resident set before loading.</li>",

@@ -4,7 +4,7 @@ The graph takes one input ``input`` ``[batch, C, H, W]`` and returns ``logits`` 
 inside the single ``.onnx`` file (no external data), so the file alone is the artifact.
 
 Example:
-    >>> from export.to_onnx import export_onnx
+    >>> from slimforge.export.to_onnx import export_onnx
     >>> export_onnx(model.eval(), images[:2], "out/model.onnx", opset=18)  # doctest: +SKIP
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.errors import ExportError
+from slimforge.train.errors import ExportError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         )
     except Exception as e:  # torch.export / onnxscript raise many types; the first line names the cause
         logger.debug("ONNX export traceback", exc_info=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(
-            f"ONNX export failed: {type(e).__name__}: {first[:400]}",
+            f"ONNX export failed: {first_line(e, 400)}",
             "the model must be traceable by torch.export with a dynamic batch axis (no data-dependent Python "
             "control flow, no batch-size specialisation); run with -v for the full traceback",
         ) from None
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # onnx.checker.ValidationError and shape-inference errors
-        raise ExportError(f"exported ONNX graph {path} is invalid: {str(e).strip()[:400]}", "report a bug") from None
+        raise ExportError(f"exported ONNX graph {path} is invalid: {first_line(e, 400)}", "report a bug") from None
     return path

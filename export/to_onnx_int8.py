@@ -1,6 +1,6 @@
 """Int8 post-training quantisation of an ONNX graph with ONNX Runtime's ``quantize_static``.
 
-The FP32 graph (:func:`export.to_onnx.export_onnx`) gets QuantizeLinear/DequantizeLinear pairs around every
+The FP32 graph (:func:`slimforge.export.to_onnx.export_onnx`) gets QuantizeLinear/DequantizeLinear pairs around every
 convolution and matmul (QDQ format), weights quantised per output channel (int8, symmetric) and activations
 per tensor, their ranges calibrated (MinMax) on real training images of the checkpoint's dataset. ONNX Runtime
 fuses each Q/DQ-wrapped convolution into an integer kernel when the whole pattern fits; the benchmark reads back
@@ -14,7 +14,7 @@ Int8 does not reproduce FP32 logits to 1e-4, so the export's parity check for th
 agreement with the FP32 model only (``ExportConfig.int8_parity``).
 
 Example:
-    >>> from export.to_onnx_int8 import quantize_onnx_int8
+    >>> from slimforge.export.to_onnx_int8 import quantize_onnx_int8
     >>> quantize_onnx_int8("out/fp32.onnx", "out/model.int8.onnx", calibration)  # doctest: +SKIP
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.errors import ExportError
+from slimforge.train.errors import ExportError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ def quantize_onnx_int8(
         )
     except Exception as e:  # onnxruntime.quantization raises plain exceptions of many types
         logger.debug("quantize_static traceback", exc_info=True)
-        raise ExportError(
-            f"int8 quantisation failed: {type(e).__name__}: {str(e).strip()[:300]}", "run with -v for the traceback"
-        ) from None
+        raise ExportError(f"int8 quantisation failed: {first_line(e)}", "run with -v for the traceback") from None
     finally:
         logging.getLogger().removeFilter(hint)
     logger.info("int8 QDQ graph (%s activations, calibrated on %d images): %s", activations, len(data), out_path)

@@ -5,7 +5,7 @@ batch size is baked in. The tracer's warnings about it are logged, and the parit
 several batch sizes is what catches an artifact that did not generalise.
 
 Example:
-    >>> from export.to_torchscript import export_torchscript
+    >>> from slimforge.export.to_torchscript import export_torchscript
     >>> export_torchscript(model.eval(), images[:2], "out/model.ts", freeze=True)  # doctest: +SKIP
 """
 
@@ -19,12 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.errors import ExportError
+from slimforge.train.errors import ExportError, first_line
 
 logger = logging.getLogger(__name__)
 
 
-def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, freeze: bool = True) -> Path:
+def export_torchscript(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    freeze: bool = True,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Traces ``model`` on ``example`` and saves it with ``torch.jit.save``.
 
     Args:
@@ -32,6 +38,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.P
         example: ``[B, C, H, W]`` example batch (B >= 2, so shape arithmetic on the batch axis is traced).
         path: Output file. The caller renames it into place once parity passes.
         freeze: Inline the weights and fold eval-mode BatchNorm (``torch.jit.freeze``); faster to run.
+        extra_files: Name → text stored in the archive beside the graph (the model description).
 
     Raises:
         ExportError: tracing or freezing fails.
@@ -45,11 +52,11 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.P
                 module = torch.jit.trace(model, example, check_trace=False)
                 if freeze:
                     module = torch.jit.freeze(module.eval())
-            torch.jit.save(module, str(path))
+            torch.jit.save(module, str(path), _extra_files=extra_files or {})
         except Exception as e:  # tracing raises RuntimeError/TypeError/ValueError for untraceable models
             logger.debug("TorchScript export traceback", exc_info=True)
             raise ExportError(
-                f"TorchScript export failed: {type(e).__name__}: {str(e).strip()[:400]}",
+                f"TorchScript export failed: {first_line(e, 400)}",
                 "the model's forward must take one tensor and return a tensor (or a tuple of them)",
             ) from None
     # torch.jit's own deprecation notices are noise here; tracer warnings say the trace may not generalise.

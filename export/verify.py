@@ -1,6 +1,6 @@
 """Parity: an exported artifact must give the logits of the PyTorch model it came from, on real images.
 
-The check runs the artifact through its :mod:`export.runtimes` runtime (the same code path the benchmark
+The check runs the artifact through its :mod:`slimforge.export.runtimes` runtime (the same code path the benchmark
 times) over the validation images in a batch plan that exercises the dynamic batch axis: one image, then full
 batches, then the partial remainder. It reports the largest absolute logit difference, the logit scale (largest
 absolute reference logit), their ratio and the top-1 agreement; an artifact passes when the ratio is at most
@@ -8,8 +8,8 @@ absolute reference logit), their ratio and the top-1 agreement; an artifact pass
 agreement at least ``min_agreement``.
 
 Example:
-    >>> from export.runtimes import get_runtime
-    >>> from export.verify import ParityConfig, batch_plan, check_parity, reference_logits
+    >>> from slimforge.export.runtimes import get_runtime
+    >>> from slimforge.export.verify import ParityConfig, batch_plan, check_parity, reference_logits
     >>> plan = batch_plan(len(images), 32)  # doctest: +SKIP
     >>> ref = reference_logits(model, images, plan)  # doctest: +SKIP
     >>> rt = get_runtime("ort-cpu")(); rt.load("out/model.onnx")  # doctest: +SKIP
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.runtimes import Runtime
-from train.errors import ExportError
+from slimforge.export.runtimes import Runtime
+from slimforge.train.errors import ExportError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ def run_batches(runtime: Runtime, images: torch.Tensor, plan: list[int]) -> np.n
         except Exception as e:  # runtimes raise their own types for shape errors
             shape = [size, *host.shape[1:]]
             raise ExportError(
-                f"runtime {runtime.name} failed on an input of shape {shape}: {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                f"runtime {runtime.name} failed on an input of shape {shape}: {first_line(e)}",
                 "the artifact does not take this input (batch size, channels or image size): export it from the "
                 "model its model.json describes, with a dynamic batch axis (export/export.py does both)",
             ) from None

@@ -56,9 +56,9 @@ def unavailable(name: str) -> str | None:
 def make_teacher(folder: Path) -> Path:
     import torch
 
-    from train.checkpoint import save_checkpoint
-    from train.data import DataConfig, describe
-    from train.models import ModelConfig, build_model
+    from slimforge.train.checkpoint import save_checkpoint
+    from slimforge.train.data import DataConfig, describe
+    from slimforge.train.models import ModelConfig, build_model
 
     data = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)
     info = describe(data)

@@ -22,9 +22,9 @@ from dataclasses import asdict
 
 import torch
 
-from train.checkpoint import save_checkpoint
-from train.data import DataConfig, describe
-from train.models import ModelConfig, build_model
+from slimforge.train.checkpoint import save_checkpoint
+from slimforge.train.data import DataConfig, describe
+from slimforge.train.models import ModelConfig, build_model
 
 # Synthetic class-coded images give the benchmark real validation and calibration images without a download.
 data = DataConfig(source="synthetic", image_size=384, in_chans=3, synthetic_samples=320, synthetic_classes=10)

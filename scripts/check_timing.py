@@ -45,9 +45,9 @@ def independent_ms(args: argparse.Namespace, loop: str, threads: int) -> float:
 
 def first_image(checkpoint: str):
     """The first validation image of the checkpoint's dataset, preprocessed for its model: ``[1, C, H, W]``."""
-    from export.evaldata import ValidationSet, data_config_from_meta
-    from train.checkpoint import read_meta
-    from train.models import ModelSpec
+    from slimforge.export.evaldata import ValidationSet, data_config_from_meta
+    from slimforge.train.checkpoint import read_meta
+    from slimforge.train.models import ModelSpec
 
     meta = read_meta(checkpoint)
     return ValidationSet(data_config_from_meta(meta), 1).images_for(ModelSpec.from_dict(meta["model"]))[:1]
@@ -58,7 +58,7 @@ def eager_median_ms(checkpoint: str, image, threads: int, runs: int) -> float:
     import torch
     import torch.utils.benchmark as tb
 
-    from train.checkpoint import load_checkpoint
+    from slimforge.train.checkpoint import load_checkpoint
 
     model, _, _ = load_checkpoint(checkpoint)
     with torch.inference_mode():
@@ -75,10 +75,9 @@ def ort_median_ms(onnx_path: str, image, threads: int, runs: int) -> float:
     """A bare ``session.run`` loop: the median of ``runs`` single-image calls, in ms."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    from slimforge.export.runtimes.ort import session_options
+
+    sess = ort.InferenceSession(onnx_path, session_options(threads), providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: image}
     for _ in range(10):
         sess.run(None, feed)
@@ -95,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from export.bench import BenchConfig, run_benchmark
-    from export.report import configure_logging, load_average
-    from export.runtimes import default_threads
+    from slimforge.export.benchmarking import BenchConfig, run_benchmark
+    from slimforge.export.machine import default_threads
+    from slimforge.export.measure import TimingConfig
+    from slimforge.export.report import configure_logging, load_average
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     print(f"threads {threads}, {args.runs} runs, load average {load_average()} at start", flush=True)
 
-    cfg = BenchConfig(runs=args.runs, batch_sizes=[1], threads=threads, max_images=32, peak_seconds=0, progress=False)
+    timing = TimingConfig(runs=args.runs, batch_sizes=[1], threads=threads)
+    cfg = BenchConfig(timing=timing, max_images=32, peak_seconds=0, progress=False)
     independent: dict[str, list[float]] = {"torch-eager": [], "ort-cpu": []}
     bench: dict[str, list[float]] = {"torch-eager": [], "ort-cpu": []}
     for r in range(args.rounds):

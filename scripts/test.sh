@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The tests launch DeepSpeed ZeRO runs too: install that extra.
-EXTRAS=dev,deepspeed bash scripts/setup.sh
+EXTRAS=bench,dev,deepspeed bash scripts/setup.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -55,7 +55,7 @@ def launch_args(launch_config: str, entry: str, config: str, *overrides: str, la
 
 
 def tiny_data_config(**overrides):
-    from train.data import DataConfig
+    from slimforge.train.data import DataConfig
 
     base = dict(
         source="embedded",
@@ -74,9 +74,9 @@ def make_checkpoint(path: Path, name: str = "resnet10t", data=None, kwargs: dict
     """A randomly initialised, real checkpoint of timm ``name`` for ``data`` (default: tiny MNIST)."""
     import torch
 
-    from train.checkpoint import save_checkpoint
-    from train.data import describe
-    from train.models import ModelConfig, build_model
+    from slimforge.train.checkpoint import save_checkpoint
+    from slimforge.train.data import describe
+    from slimforge.train.models import ModelConfig, build_model
 
     data = data or tiny_data_config()
     torch.manual_seed(seed)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import load_config
-from train.schema import RunConfig
+from slimforge.train.config import load_config
+from slimforge.train.schema import RunConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))

@@ -1,12 +1,12 @@
 """Self-describing checkpoints: ``model.safetensors`` + ``slimforge.json`` in one directory.
 
-The JSON holds the :class:`~train.models.ModelSpec` (architecture, classes, input size, normalisation,
+The JSON holds the :class:`slimforge.train.models.ModelSpec` (architecture, classes, input size, normalisation,
 compression recipe) and the SHA-256 of the weights file, so a student is rebuilt and exported without the
 training config or any pickled code. A checkpoint directory is written under a temporary name and renamed
 into place only once complete: a crash mid-write leaves a ``.tmp`` folder, never something that looks whole.
 
 Example:
-    >>> from train.checkpoint import load_checkpoint
+    >>> from slimforge.train.checkpoint import load_checkpoint
     >>> model, spec, meta = load_checkpoint("runs/teacher/checkpoint")  # doctest: +SKIP
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.errors import CheckpointError
-from train.models import ModelSpec, create_model
+from slimforge.train.errors import CheckpointError
+from slimforge.train.models import ModelSpec, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from compress.api import RecipeError, apply_recipe_
+    from slimforge.compress.api import RecipeError, apply_recipe_
 
     path = Path(path)
     meta = read_meta(path)

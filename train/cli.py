@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from train.errors import SlimforgeError
+from slimforge.train.errors import SlimforgeError, report_error
 
 
 def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
@@ -21,19 +19,12 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def report(err: SlimforgeError) -> int:
-    """Prints a user error as one message (no traceback; rank 0 only) and returns the exit code for it."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {err}", file=sys.stderr)
-    return 2
-
-
 def run(description: str, argv: list[str] | None, distill: bool) -> int:
     """Loads the config, then trains or distils. Returns the process exit code."""
     import yaml
 
-    from train.config import load_config, to_dict
-    from train.schema import RunConfig
+    from slimforge.train.config import load_config, to_dict
+    from slimforge.train.schema import RunConfig
 
     args = parse_args(description, argv)
     try:
@@ -41,11 +32,11 @@ def run(description: str, argv: list[str] | None, distill: bool) -> int:
         if args.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
-        from train.engine import fit
+        from slimforge.train.engine import fit
 
         summary = fit(cfg, distill=distill)
     except SlimforgeError as e:
-        return report(e)
+        return report_error(e)
     if summary["process_index"] != 0:
         return 0
     line = f"{summary['model']}: val acc {summary['val_acc']:.4f}"

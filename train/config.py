@@ -2,11 +2,11 @@
 
 Every component owns a ``XxxConfig`` dataclass whose ``validate()`` returns the problems it finds. This module
 turns plain YAML data into those dataclasses, collecting *every* unknown key, wrong type and impossible value
-before raising one :class:`~train.errors.ConfigError`, so a user fixes a config in one go.
+before raising one :class:`slimforge.train.errors.ConfigError`, so a user fixes a config in one go.
 
 Example:
-    >>> from train.config import load_config
-    >>> from train.recipe import RunConfig
+    >>> from slimforge.train.config import load_config
+    >>> from slimforge.train.schema import RunConfig
     >>> cfg = load_config(RunConfig, "configs/debug/tiny_train.yaml", ["optim.lr=0.01"])
     >>> cfg.optim.lr
     0.01
@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from train.errors import ConfigError, SlimforgeError
+from slimforge.train.errors import ConfigError, SlimforgeError
 
 T = TypeVar("T")
 
@@ -158,6 +158,22 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
     if validate is not None:
         errors.extend(f"{prefix}{p}" for p in validate())
     return obj
+
+
+def at_least(cfg: Any, minimum: float, *names: str) -> list[str]:
+    """Problems for each field in ``names`` of ``cfg`` below ``minimum`` (a ``None`` value is allowed: "or null").
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> at_least(SimpleNamespace(epochs=0, max_steps=None), 1, "epochs", "max_steps")
+        ['epochs: 0 must be >= 1']
+    """
+    problems = []
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            problems.append(f"{name}: {value} must be >= {minimum:g}")
+    return problems
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from train.errors import DataError
+from slimforge.train.config import at_least
+from slimforge.train.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -97,17 +98,10 @@ class DataConfig:
             p.append(f"crop_scale: {self.crop_scale} must be [low, high] with 0 < low <= high <= 1")
         if not 0.0 <= self.hflip <= 1.0:
             p.append(f"hflip: {self.hflip} must be a probability in [0, 1]")
-        for name in ("batch_size", "eval_batch_size", "synthetic_samples", "synthetic_classes"):
-            if getattr(self, name) < 1:
-                p.append(f"{name}: {getattr(self, name)} must be >= 1")
-        if self.synthetic_classes < 2:
-            p.append(f"synthetic_classes: {self.synthetic_classes} must be >= 2")
-        if self.num_workers < 0:
-            p.append(f"num_workers: {self.num_workers} must be >= 0")
-        for name in ("max_train_samples", "max_val_samples"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                p.append(f"{name}: {v} must be >= 1 or null")
+        p += at_least(self, 1, "batch_size", "eval_batch_size", "synthetic_samples", "max_train_samples")
+        p += at_least(self, 1, "max_val_samples")
+        p += at_least(self, 2, "synthetic_classes")
+        p += at_least(self, 0, "num_workers")
         return p
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

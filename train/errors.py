@@ -40,3 +40,26 @@ class ModelError(SlimforgeError):
 
 class ExportError(SlimforgeError):
     """An export or its parity check failed."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters: how a foreign exception is quoted in a
+    user-facing message (the full traceback goes to the debug log)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit].rstrip(": ")
+
+
+def report_error(err: SlimforgeError) -> int:
+    """Prints a user error as one message on stderr (rank 0 only under a launcher) and returns exit code 2.
+
+    Every entry script reports its :class:`SlimforgeError` through this, so all of them read the same::
+
+        error: <problem>
+          fix: <fix>
+    """
+    import os
+    import sys
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {err}", file=sys.stderr)
+    return 2

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from slimforge.train.config import at_least
+
 
 @dataclass
 class OptimConfig:
@@ -38,12 +40,8 @@ class OptimConfig:
         p = []
         if self.lr <= 0:
             p.append(f"lr: {self.lr} must be > 0")
-        if self.weight_decay < 0:
-            p.append(f"weight_decay: {self.weight_decay} must be >= 0")
-        if self.reference_batch < 1:
-            p.append(f"reference_batch: {self.reference_batch} must be >= 1")
-        if self.warmup_steps < 0:
-            p.append(f"warmup_steps: {self.warmup_steps} must be >= 0")
+        p += at_least(self, 0, "weight_decay", "warmup_steps")
+        p += at_least(self, 1, "reference_batch")
         if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
             p.append(f"min_lr: {self.min_lr} must be in [0, lr]")
         if self.grad_clip is not None and self.grad_clip <= 0:

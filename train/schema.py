@@ -1,8 +1,12 @@
 """The run config both entries read: one section per component, each validated by its own dataclass.
 
+Every section's dataclass lives beside the component that reads it (``DataConfig`` in ``data.py``, ``LossConfig``
+in ``losses.py`` ...); the loop's own section, :class:`TrainConfig`, lives here, since the engine that reads it
+imports this module and not the other way round.
+
 Example:
-    >>> from train.config import load_config
-    >>> from train.schema import RunConfig
+    >>> from slimforge.train.config import load_config
+    >>> from slimforge.train.schema import RunConfig
     >>> cfg = load_config(RunConfig, "configs/debug/tiny_distill.yaml", ["train.epochs=1"])
     >>> cfg.train.epochs
     1
@@ -11,13 +15,61 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from train.data import DataConfig
-from train.engine import TrainConfig
-from train.losses import LossConfig
-from train.models import ModelConfig
-from train.optim import OptimConfig
+from slimforge.train.config import at_least
+from slimforge.train.data import DataConfig
+from slimforge.train.losses import LossConfig
+from slimforge.train.models import ModelConfig
+from slimforge.train.optim import OptimConfig
+from slimforge.train.placement import Placement
+
+
+@dataclass
+class TrainConfig:
+    """The loop, its outputs and its numerics."""
+
+    output_dir: str = "runs/run"
+    """Run folder: resolved config, metrics.jsonl, TensorBoard logs and the final ``checkpoint/``."""
+    epochs: int = 10
+    seed: int = 42
+    """Seeds model init, shuffling and augmentation (the same on every rank; Accelerate shards the batches)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision: bf16 on CPU or GPU, fp16 on GPU only; weights and optimizer stay fp32."""
+    log_every: int = 20
+    """Log train loss/LR every N optimizer steps."""
+    overwrite: bool = False
+    """Allow replacing a finished run in ``output_dir``; otherwise an existing checkpoint there is an error."""
+    tensorboard: bool = True
+    """Also log metrics to TensorBoard (``output_dir/tensorboard``)."""
+    record_samples: bool = False
+    """Write the dataset indices each rank trained on to ``output_dir/ranks/`` (checks data sharding)."""
+    cpu: bool = False
+    """Train on CPU even when a GPU is present."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer update; global batch = batch_size × processes × this.
+    Under DeepSpeed it must equal the launch config's ``gradient_accumulation_steps``."""
+    max_steps: int | None = None
+    """Stop after this many optimizer updates (the LR schedule still spans ``epochs``); null runs all epochs."""
+    checkpoint_every: int | None = None
+    """Save the full resumable training state every N optimizer updates (and at every epoch end) under
+    ``output_dir/state/``; null saves none. A relaunch of the same command resumes from the newest one."""
+    keep_states: int = 2
+    """How many resumable states to keep."""
+    resume: bool = True
+    """Resume from the newest complete state in ``output_dir/state/`` if there is one."""
+    teacher_placement: Placement = "replicated"
+    """replicated: a full frozen copy of the teacher on every rank, outside any DDP/DeepSpeed/FSDP wrapper
+    (memory per rank = teacher weights + activations of one micro-batch; no communication). sharded: the
+    teacher's weights split across the ranks with FSDP2 for inference (1/world of them per rank, plus the
+    layers being gathered; an all-gather of the teacher per micro-batch); needs >= 2 processes. See
+    train/placement.py."""
+
+    def validate(self) -> list[str]:
+        p = at_least(self, 1, "epochs", "grad_accum_steps", "keep_states", "log_every", "max_steps", "checkpoint_every")
+        if not self.output_dir:
+            p.append("output_dir: must be a folder path")
+        return p
 
 
 @dataclass
@@ -36,6 +88,6 @@ class RunConfig:
     """Compression recipe applied to the bare student before training: ``[{method: ..., ...}]``."""
 
     def validate(self) -> list[str]:
-        from compress.api import check_recipe
+        from slimforge.compress.api import check_recipe
 
         return [f"compress.{p}" for p in check_recipe(self.compress)]

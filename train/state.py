@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from train.errors import SlimforgeError
+from slimforge.train.errors import SlimforgeError
 
 logger = logging.getLogger(__name__)
 

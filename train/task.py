@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.losses import LossConfig, distillation_loss
+from slimforge.train.losses import LossConfig, distillation_loss
 
 
 class SupervisedTask:
@@ -28,7 +28,7 @@ class SupervisedTask:
 
 
 class DistillationTask:
-    """Logit distillation from a frozen teacher (see :mod:`train.losses` for the formula and alpha)."""
+    """Logit distillation from a frozen teacher (see :mod:`slimforge.train.losses` for the formula and alpha)."""
 
     def __init__(self, teacher: nn.Module, loss: LossConfig) -> None:
         self.teacher = freeze_(teacher)

@@ -7,16 +7,11 @@ Example:
 
 from __future__ import annotations
 
-import os
 import sys
-
-if __package__ in (None, ""):  # run as a script: train/ must not shadow the `train` package on sys.path
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.cli import run
+    from slimforge.train.cli import run
 
     return run("Supervised training of one model.", argv, distill=False)
 

@@ -1,6 +1,6 @@
 """Launched by test_distill_ddp.py under `accelerate launch` (2 CPU processes): the sharded teacher placement on
 architectures of several families gives the replicated teacher's logits and holds half the parameters per rank.
-Prints one JSON line per model from rank 0."""
+Every rank checks its own logits and shard; rank 0 prints one JSON line per model and rank."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import json
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 
-from train.memory import param_bytes
-from train.placement import place_teacher
-from train.task import freeze_
+from slimforge.train.memory import param_bytes
+from slimforge.train.placement import place_teacher
+from slimforge.train.task import freeze_
 
 MODELS = {
     "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 4},  # parameters on the root (cls token, pos embed)
@@ -35,8 +35,11 @@ def main() -> None:
         images = torch.randn(4, 1, 32, 32)
         with torch.no_grad():
             diff = (sharded(images) - reference(images)).abs().max().item()
-        if accelerator.is_main_process:
-            print(json.dumps({"model": name, "max_abs_diff": diff, "held": param_bytes(sharded) / full}), flush=True)
+        mine = {"model": name, "rank": accelerator.process_index, "max_abs_diff": diff}
+        mine["held"] = param_bytes(sharded) / full
+        for result in gather_object([mine]):  # a collective: every rank's result reaches rank 0
+            if accelerator.is_main_process:
+                print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

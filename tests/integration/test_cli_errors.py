@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from slimforge.train import distill, train
 from tests.conftest import ROOT, make_checkpoint, run_cmd
-from train import distill, train
 
 TINY_TRAIN = str(ROOT / "configs/debug/tiny_train.yaml")
 TINY_DISTILL = str(ROOT / "configs/debug/tiny_distill.yaml")
@@ -24,57 +24,20 @@ def check_rejected(capsys, entry, argv, out_dir, *needles):
     return err
 
 
-def test_unknown_config_key(tmp_path, capsys):
-    check_rejected(
-        capsys,
-        train,
-        ["--config", TINY_TRAIN, "optim.learning_rate=0.1"],
-        tmp_path / "o",
-        "optim.learning_rate: unknown key",
-    )
-
-
-def test_wrong_type(tmp_path, capsys):
-    check_rejected(
-        capsys,
-        train,
-        ["--config", TINY_TRAIN, "data.batch_size=large"],
-        tmp_path / "o",
-        "data.batch_size: expected int, got str 'large'",
-    )
-
-
-def test_missing_dataset_path(tmp_path, capsys):
-    check_rejected(
-        capsys,
-        train,
-        ["--config", TINY_TRAIN, "data.source=imagefolder", f"data.path={tmp_path / 'no_such_folder'}"],
-        tmp_path / "o",
-        "does not exist",
-        "data.path",
-    )
-
-
-def test_nonexistent_timm_model_suggests_close_names(tmp_path, capsys):
-    err = check_rejected(
-        capsys,
-        train,
-        ["--config", TINY_TRAIN, "model.name=resnet10x"],
-        tmp_path / "o",
-        "timm has no model named 'resnet10x'",
-    )
-    assert "resnet10t" in err
-
-
-def test_image_size_the_model_cannot_take(tmp_path, capsys):
-    check_rejected(
-        capsys,
-        train,
-        ["--config", TINY_TRAIN, "model.name=vit_tiny_patch16_224"],
-        tmp_path / "o",
-        "cannot take input [1, 32, 32]",
-        "img_size",
-    )
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["optim.learning_rate=0.1"], ["optim.learning_rate: unknown key"]),
+        (["data.batch_size=large"], ["data.batch_size: expected int, got str 'large'"]),
+        (["data.source=imagefolder", "data.path={tmp}/no_such_folder"], ["does not exist", "data.path"]),
+        (["model.name=resnet10x"], ["timm has no model named 'resnet10x'", "close names", "resnet10t"]),
+        (["model.name=vit_tiny_patch16_224"], ["cannot take input [1, 32, 32]", "img_size"]),
+    ],
+    ids=["unknown_key", "wrong_type", "missing_dataset_path", "unknown_timm_model", "impossible_image_size"],
+)
+def test_bad_training_input(tmp_path, capsys, overrides, needles):
+    argv = ["--config", TINY_TRAIN, *(o.format(tmp=tmp_path) for o in overrides)]
+    check_rejected(capsys, train, argv, tmp_path / "o", *needles)
 
 
 def test_teacher_and_student_with_different_num_classes(tmp_path, capsys, teacher_ckpt):

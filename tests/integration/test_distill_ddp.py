@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slimforge.train.checkpoint import load_checkpoint
+from slimforge.train.models import ModelConfig, build_model
 from tests.conftest import BIN, ROOT, free_port, launch_args, make_checkpoint, run_cmd
-from train.checkpoint import load_checkpoint
-from train.models import ModelConfig, build_model
 
 
 def _sha(path):
@@ -51,6 +51,7 @@ def test_two_process_distillation_shards_data_and_keeps_replicas_identical(teach
     out = replicated_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert summary["train_compute_dtype"] == "torch.float32"  # no autocast asked, none happened
     assert summary["teacher"] == "timm:resnet18"
 
     ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -103,7 +104,9 @@ def test_sharded_placement_gives_the_replicated_logits_on_several_architectures(
     proc = run_cmd(args, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 4
+    assert len(results) == 8 and {(r["model"], r["rank"]) for r in results} == {
+        (m, rank) for m in {r["model"] for r in results} for rank in (0, 1)
+    }
     for r in results:
         assert r["max_abs_diff"] < 1e-5, r
         assert 0.45 < r["held"] < 0.55, r
@@ -126,5 +129,8 @@ def test_single_process_bf16_training_writes_a_loadable_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 1 and 0.0 <= summary["val_acc"] <= 1.0
+    # bf16 really took effect: the student's layers computed in bf16 (fp32 without autocast, see the DDP test),
+    # while the weights it saved stay fp32.
+    assert summary["train_compute_dtype"] == "torch.bfloat16"
     model, spec, _ = load_checkpoint(out / "checkpoint")
-    assert spec.name == "resnet10t" and all(p.dtype.is_floating_point for p in model.parameters())
+    assert spec.name == "resnet10t" and all(p.dtype == torch.float32 for p in model.parameters())

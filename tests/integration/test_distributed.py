@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from slimforge.train.checkpoint import load_checkpoint, save_checkpoint
+from slimforge.train.data import describe
+from slimforge.train.models import ModelConfig, build_model
 from tests.conftest import ROOT, free_port, launch_args, run_cmd, tiny_data_config
-from train.checkpoint import load_checkpoint, save_checkpoint
-from train.data import describe
-from train.models import ModelConfig, build_model
 
 ENV = {"PYTHONPATH": str(ROOT)}  # the launched entries import tests.factories
 

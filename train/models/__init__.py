@@ -5,7 +5,7 @@ compression recipe applied to it); checkpoints store that spec so a model is reb
 Model code knows nothing about compression or distribution.
 
 Example:
-    >>> from train.models import ModelConfig, build_model
+    >>> from slimforge.train.models import ModelConfig, build_model
     >>> model, spec = build_model(ModelConfig(name="resnet10t"), num_classes=10, input_size=(1, 32, 32))
     >>> spec.num_classes
     10
@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from train.errors import ModelError
+from slimforge.train.errors import ModelError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def check_input(model: nn.Module, spec: ModelSpec) -> None:
         if default:
             hint = f" (its default input is {list(default)})"
         raise ModelError(
-            f"model {spec.name!r} cannot take input {[c, h, w]}{hint}: {str(e).strip().splitlines()[0]}",
+            f"model {spec.name!r} cannot take input {[c, h, w]}{hint}: {first_line(e)}",
             "set data.image_size to a size the model takes, or pass a matching size in model.kwargs "
             "(timm ViTs: kwargs: {img_size: <size>})",
         ) from None

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from export.api import ExportConfig, export_checkpoint
-from export.verify import ParityConfig
-from train.checkpoint import save_checkpoint
-from train.data import DataConfig, describe
-from train.models import ModelConfig, build_model
+from slimforge.export.artifacts import ExportConfig, export_checkpoint
+from slimforge.export.verify import ParityConfig
+from slimforge.train.checkpoint import save_checkpoint
+from slimforge.train.data import DataConfig, describe
+from slimforge.train.models import ModelConfig, build_model
 
 MNIST = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)
 

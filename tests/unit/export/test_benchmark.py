@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -18,23 +19,22 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from compress.stats import count_macs, count_parameters
-from export.bench import _METRICS, BenchConfig, Target, _RowRunner, run_benchmark, write_benchmark
-from export.benchmark import main as benchmark_main
-from export.evaldata import ValidationSet
-from export.runtimes import runtime_class
-from train.checkpoint import load_checkpoint
-from train.data import DataConfig, load_splits, with_transform
+from slimforge.compress.stats import count_macs, count_parameters
+from slimforge.export.benchmark import main as benchmark_main
+from slimforge.export.benchmarking import BenchConfig, run_benchmark, write_benchmark
+from slimforge.export.benchmarking.plan import Target
+from slimforge.export.benchmarking.rows import _METRICS, RowRunner
+from slimforge.export.evaldata import ValidationSet
+from slimforge.export.measure import TimingConfig
+from slimforge.export.runtimes import runtime_class
+from slimforge.train.checkpoint import load_checkpoint
+from slimforge.train.data import DataConfig, load_splits, with_transform
 
 MNIST = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)  # as conftest's checkpoints
 N = 48
 SETTINGS = BenchConfig(
-    batch_sizes=[1, 4],
-    runs=5,
-    warmup=1,
-    throughput_runs=2,
+    timing=TimingConfig(batch_sizes=[1, 4], runs=5, warmup=1, throughput_runs=2, threads=1),
     max_images=N,
-    threads=1,
     isolate=False,
     peak_seconds=0.05,
     peak_size=256,
@@ -250,7 +250,7 @@ def test_report_files(report, tmp_path):
 
 def test_isolated_rows_measure_their_own_memory(setup, report):
     teacher, _, out = setup
-    cfg = BenchConfig(**{**SETTINGS.__dict__, "isolate": True, "peak_seconds": 0})
+    cfg = dataclasses.replace(SETTINGS, isolate=True, peak_seconds=0)
     iso = run_benchmark(teacher, [f"{out / 'model.onnx'}@ort-cpu"], cfg)
     t_row, row = iso["rows"]
     assert row["status"] == "ok" and iso["peaks"] is None and row["fraction_of_peak"] is None
@@ -262,7 +262,7 @@ def test_isolated_rows_measure_their_own_memory(setup, report):
     same = _rows(report, "model.onnx")["ort-cpu"]
     assert (row["accuracy"], row["agreement"]) == (same["accuracy"], same["agreement"])
 
-    runner = _RowRunner(BenchConfig(**{**cfg.__dict__, "row_timeout": 0.2}), ValidationSet(MNIST, 8))
+    runner = RowRunner(dataclasses.replace(cfg, row_timeout=0.2), ValidationSet(MNIST, 8))
     try:
         slow, preds = runner.measure(Target(out / "model.onnx", "ort-cpu", "student"), None)
     finally:
@@ -294,3 +294,31 @@ def test_benchmark_entry(setup, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: checkpoint")
     assert benchmark_main([*argv[2:], "--teacher", str(teacher), "--accuracy-budget", "2"]) == 2
     assert "accuracy_budget: 2.0 must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_an_artifact_copied_alone_benchmarks_with_its_own_description(exported_student, tmp_path):
+    """No model.json, no checkpoint beside it: the .onnx and .ts carry their model description (input size,
+    normalisation, classes, dataset) and score exactly what the checkpoint scores on the same images."""
+    lone = tmp_path / "elsewhere"
+    lone.mkdir()
+    for name in ("model.onnx", "model.ts"):
+        shutil.copy(exported_student.out / name, lone / name)
+    assert sorted(p.name for p in lone.iterdir()) == ["model.onnx", "model.ts"]
+    students = [
+        f"{exported_student.student}@torch-eager",
+        f"{lone / 'model.onnx'}@ort-cpu",
+        f"{lone / 'model.ts'}@torchscript",
+    ]
+    rows = run_benchmark(exported_student.teacher, students, SETTINGS)["rows"][1:]
+    assert [r["status"] for r in rows] == ["ok"] * 3, [r["reason"] for r in rows]
+    eager = rows[0]
+    for r in rows[1:]:
+        assert r["model"] == "mobilenetv3_small_050" and r["num_images"] == eager["num_images"] == N
+        assert r["accuracy"] == eager["accuracy"]
+        assert r["params"] == eager["params"] and r["macs"] == eager["macs"]
+
+
+def test_an_artifact_without_a_description_is_refused_by_name(exported_student, tmp_path):
+    wrong_shape_onnx(tmp_path / "bare.onnx")  # written by hand: no metadata_props, no model.json
+    row = run_benchmark(exported_student.teacher, [f"{tmp_path / 'bare.onnx'}@ort-cpu"], SETTINGS)["rows"][1]
+    assert row["status"] == "error" and "carries no model description" in row["reason"] and "model.json" in row["fix"]

@@ -15,12 +15,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export.api import MODEL_JSON, REPORT, ExportConfig, export_checkpoint
-from export.export import main as export_main
-from export.runtimes import get_runtime
-from export.verify import ParityConfig, batch_plan, check_parity, compare_logits, reference_logits
-from train.checkpoint import load_checkpoint
-from train.data import DataConfig, load_splits, with_transform
+from slimforge.export.artifacts import MODEL_JSON, REPORT, ExportConfig, export_checkpoint
+from slimforge.export.export import main as export_main
+from slimforge.export.runtimes import get_runtime
+from slimforge.export.verify import ParityConfig, batch_plan, check_parity, compare_logits, reference_logits
+from slimforge.train.checkpoint import load_checkpoint
+from slimforge.train.data import DataConfig, load_splits, with_transform
 
 MNIST = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)  # as conftest's checkpoints
 MAX_IMAGES = 96  # 1 + 32 + 32 + 31: three batch sizes through the dynamic axis

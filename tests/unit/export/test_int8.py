@@ -9,12 +9,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export.api import ExportConfig, export_checkpoint, failure_message
-from export.evaldata import ValidationSet
-from export.runtimes import get_runtime
-from export.verify import ParityConfig, compare_logits
-from train.checkpoint import load_checkpoint
-from train.data import DataConfig
+from slimforge.export.artifacts import ExportConfig, export_checkpoint, failure_message
+from slimforge.export.evaldata import ValidationSet
+from slimforge.export.runtimes import get_runtime
+from slimforge.export.verify import ParityConfig, compare_logits
+from slimforge.train.checkpoint import load_checkpoint
+from slimforge.train.data import DataConfig
 
 MNIST = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)
 N = 64

@@ -6,15 +6,22 @@ import time
 
 import pytest
 
-from export.bench import finish_rows, pareto_front, recommend
-from export.peak import _rate, fraction_of_peak, measure_peaks, peak_key
-from export.runtimes import runtime_class
+from slimforge.export.benchmarking.analysis import finish_rows, pareto_front, recommend
+from slimforge.export.peak import _rate, fraction_of_peak, measure_peaks, peak_key
+from slimforge.export.runtimes import runtime_class
 
 
-def test_rate_times_a_known_cost():
-    # 10 ms per call, 1 "operation" each: ~100 ops/s (sleep can only overshoot, so the best stretch is closest).
-    rate = _rate(lambda: time.sleep(0.01), ops=1.0, seconds=0.25)
-    assert 80 < rate <= 101
+def test_rate_is_the_best_stretch_of_a_known_cost(monkeypatch):
+    """A clock that only the kernel advances: 10 ms per call, one "operation" each, is 100 ops/s, and a stretch
+    slowed by other work (one call of 60 ms) does not lower the best."""
+    clock = {"now": 0.0, "calls": 0}
+
+    def kernel():
+        clock["calls"] += 1
+        clock["now"] += 0.06 if clock["calls"] == 7 else 0.01
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    assert _rate(kernel, ops=1.0, seconds=0.25) == pytest.approx(100.0)
 
 
 def test_measure_peaks_small():

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from export.bench import plan_rows, selected_runtimes
-from export.evaldata import ValidationSet
-from export.measure import check_input_shape
-from export.runtimes import available_runtimes, cpu_has_bf16, get_runtime, runtime_class
-from train.checkpoint import load_checkpoint
-from train.data import DataConfig
-from train.errors import ExportError
+from slimforge.export.benchmarking.plan import plan_rows, selected_runtimes
+from slimforge.export.evaldata import ValidationSet
+from slimforge.export.machine import cpu_has_bf16
+from slimforge.export.measure import check_input_shape
+from slimforge.export.runtimes import available_runtimes, get_runtime, runtime_class
+from slimforge.train.checkpoint import load_checkpoint
+from slimforge.train.data import DataConfig
+from slimforge.train.errors import ExportError
 
 MNIST = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)
 needs_openvino = pytest.mark.skipif(not runtime_class("openvino").available()[0], reason="openvino not installed")

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
+from slimforge.train.checkpoint import META, WEIGHTS, load_checkpoint, read_spec, save_checkpoint
+from slimforge.train.errors import CheckpointError
 from tests.conftest import make_checkpoint
-from train.checkpoint import META, WEIGHTS, load_checkpoint, read_spec, save_checkpoint
-from train.errors import CheckpointError
 
 
 def test_round_trip_rebuilds_the_same_model_without_the_config(tmp_path):
@@ -97,7 +97,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
 def test_a_crash_mid_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     import safetensors.torch
 
-    from train.models import ModelSpec
+    from slimforge.train.models import ModelSpec
 
     monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
     target = tmp_path / "new"

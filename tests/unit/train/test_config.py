@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from train.config import apply_overrides, from_dict, load_config
-from train.errors import ConfigError, SlimforgeError
-from train.schema import RunConfig
+from slimforge.train.config import apply_overrides, from_dict, load_config
+from slimforge.train.errors import ConfigError, SlimforgeError
+from slimforge.train.schema import RunConfig
 
 
 def test_defaults_are_valid():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data import DataConfig, build_loader, load_splits
-from train.errors import DataError
+from slimforge.train.data import DataConfig, build_loader, load_splits
+from slimforge.train.errors import DataError
 
 
 def test_embedded_mnist_is_a_real_hf_dataset_with_a_stratified_split():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.losses import LossConfig, distillation_loss, kd_loss
+from slimforge.train.losses import LossConfig, distillation_loss, kd_loss
 
 
 def reference_kd(zs: list[list[float]], zt: list[list[float]], t: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.memory import state_memory
+from slimforge.train.memory import state_memory
 
 
 def test_counts_parameters_and_adam_state_once():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from train.errors import ModelError
-from train.models import ModelConfig, build_model, resolve_num_classes
+from slimforge.train.errors import ModelError
+from slimforge.train.models import ModelConfig, build_model, resolve_num_classes
 
 
 def tiny_factory(num_classes: int, in_chans: int, width: int = 4) -> nn.Module:

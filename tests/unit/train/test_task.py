@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.losses import LossConfig
-from train.task import DistillationTask, SupervisedTask
+from slimforge.train.losses import LossConfig
+from slimforge.train.task import DistillationTask, SupervisedTask
 
 
 def small(seed: int) -> nn.Module:

@@ -14,7 +14,7 @@ logits (``onnx-int8``) is checked with its own, looser :class:`ParityConfig` (to
 the benchmark rebuild the architecture for parameter and MAC counts and feed the artifact the right images.
 
 Example:
-    >>> from export.api import ExportConfig, export_checkpoint
+    >>> from slimforge.export.artifacts import ExportConfig, export_checkpoint
     >>> report = export_checkpoint("runs/student/checkpoint", "runs/student/export", ExportConfig())  # doctest: +SKIP
     >>> report["passed"]  # doctest: +SKIP
     True
@@ -33,20 +33,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.evaldata import ValidationSet, data_config_from_meta
-from export.report import library_versions, now, write_json
-from export.runtimes import get_runtime
-from export.to_onnx import MIN_OPSET, export_onnx
-from export.to_onnx_int8 import ACTIVATION_TYPES, quantize_onnx_int8
-from export.to_torchscript import export_torchscript
-from export.verify import ParityConfig, batch_plan, check_parity, reference_logits
-from train.checkpoint import file_sha256, load_checkpoint
-from train.errors import SlimforgeError
+from slimforge.export.description import MODEL_JSON, embed_onnx, torchscript_extra_files
+from slimforge.export.evaldata import ValidationSet, data_config_from_meta
+from slimforge.export.machine import library_versions
+from slimforge.export.report import now, write_json
+from slimforge.export.runtimes import get_runtime
+from slimforge.export.to_onnx import MIN_OPSET, export_onnx
+from slimforge.export.to_onnx_int8 import ACTIVATION_TYPES, quantize_onnx_int8
+from slimforge.export.to_torchscript import export_torchscript
+from slimforge.export.verify import ParityConfig, batch_plan, check_parity, reference_logits
+from slimforge.train.checkpoint import file_sha256, load_checkpoint
+from slimforge.train.errors import SlimforgeError
 
 logger = logging.getLogger(__name__)
 
 REPORT = "export_report.json"
-MODEL_JSON = "model.json"
 REPORT_FORMAT = "slimforge.export"
 REPORT_VERSION = 1
 FAILED_SUFFIX = ".failed"
@@ -105,6 +106,8 @@ class ExportInputs:
     """``[2, C, H, W]`` validation images (two, so no exporter specialises the batch axis to 1)."""
     calibration: Callable[[int], torch.Tensor]
     """``n`` → ``[n, C, H, W]`` training images, preprocessed as the model's eval transform (loaded on demand)."""
+    description: dict[str, Any]
+    """The checkpoint's model description, embedded in every artifact (:mod:`slimforge.export.description`)."""
 
 
 Exporter = Callable[[nn.Module, ExportInputs, Path, ExportConfig], None]
@@ -151,11 +154,14 @@ def available_formats() -> list[str]:
 @register_format("onnx", "model.onnx", runtime="ort-cpu")
 def _onnx(model: nn.Module, inputs: ExportInputs, path: Path, cfg: ExportConfig) -> None:
     export_onnx(model, inputs.example, path, opset=cfg.opset)
+    embed_onnx(path, inputs.description)
 
 
 @register_format("torchscript", "model.ts", runtime="torchscript")
 def _torchscript(model: nn.Module, inputs: ExportInputs, path: Path, cfg: ExportConfig) -> None:
-    export_torchscript(model, inputs.example, path, freeze=cfg.freeze)
+    export_torchscript(
+        model, inputs.example, path, freeze=cfg.freeze, extra_files=torchscript_extra_files(inputs.description)
+    )
 
 
 @register_format("onnx-int8", "model.int8.onnx", runtime="ort-cpu", parity="int8_parity")
@@ -165,6 +171,7 @@ def _onnx_int8(model: nn.Module, inputs: ExportInputs, path: Path, cfg: ExportCo
         export_onnx(model, inputs.example, fp32, opset=cfg.opset)
         calibration = inputs.calibration(cfg.calibration_images).numpy()
         quantize_onnx_int8(fp32, path, calibration, activations=cfg.int8_activations)
+        embed_onnx(path, inputs.description)
     finally:
         fp32.unlink(missing_ok=True)
 
@@ -237,7 +244,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         ConfigError: ``cfg`` is invalid.
         CheckpointError / DataError: the checkpoint or its validation data cannot be read (nothing is written).
     """
-    from train.errors import ConfigError
+    from slimforge.train.errors import ConfigError
 
     problems = cfg.validate()
     if problems:
@@ -253,11 +260,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # The checkpoint's self-description travels with the artifacts (input size, normalisation, classes, recipe).
-    write_json(out / MODEL_JSON, {**meta, "source_checkpoint": str(checkpoint)})
+    # The checkpoint's self-description travels inside every artifact (input size, normalisation, classes,
+    # recipe, dataset); model.json is the copy a person reads.
+    description = {**meta, "source_checkpoint": str(checkpoint)}
+    write_json(out / MODEL_JSON, description)
     inputs = ExportInputs(
         example=images[:2],
         calibration=lambda n: ValidationSet(data_cfg, n, split="train").images_for(spec),
+        description=description,
     )
     artifacts = [_export_one(FORMATS[n], model, inputs, images, reference, plan, out, cfg) for n in cfg.formats]
     report = {

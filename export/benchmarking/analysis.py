@@ -1,0 +1,87 @@
+"""Numbers across rows: speedup over the teacher, fraction of peak, the Pareto front and the recommendation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimforge.export.peak import fraction_of_peak, peak_key
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Which ``(latency, accuracy)`` points no other point beats: as fast or faster *and* as accurate or more,
+    better in at least one."""
+    front = []
+    for i, (lat, acc) in enumerate(points):
+        dominated = any(
+            (lo <= lat and ao >= acc) and (lo < lat or ao > acc) for j, (lo, ao) in enumerate(points) if j != i
+        )
+        front.append(not dominated)
+    return front
+
+
+def recommend(rows: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
+    """The fastest measured row (batch-1 p50) whose accuracy is at least the teacher's minus ``budget``.
+
+    Ties go to the smaller artifact. The teacher itself is a candidate, so there is always an answer while the
+    teacher was measured.
+
+    Args:
+        rows: Report rows; the teacher is the first ``role == "teacher"`` row with ``status == "ok"``.
+        budget: Accuracy points (as a fraction) a student may lose, e.g. 0.01.
+
+    Returns:
+        ``{"row", "artifact", "runtime", "model", "precision", "p50_ms", "accuracy", "accuracy_floor", "budget",
+        "candidates", "reason"}``, or ``None`` without a measured teacher.
+    """
+    teacher = next((r for r in rows if r["role"] == "teacher" and r["status"] == "ok"), None)
+    if teacher is None or teacher.get("accuracy") is None:
+        return None
+    floor = teacher["accuracy"] - budget
+    within = [
+        (i, r)
+        for i, r in enumerate(rows)
+        if r["status"] == "ok"
+        and r.get("latency_ms")
+        and r.get("accuracy") is not None
+        # accuracies are ratios of image counts: a tolerance keeps 0.99 - 0.01 from excluding 0.98
+        and r["accuracy"] >= floor - 1e-9
+    ]
+    i, best = min(within, key=lambda ir: (ir[1]["latency_ms"]["p50"], ir[1].get("size_bytes") or 0))
+    return {
+        "row": i,
+        "artifact": best["artifact"],
+        "runtime": best["runtime"],
+        "model": best["model"],
+        "precision": best["precision"],
+        "p50_ms": best["latency_ms"]["p50"],
+        "accuracy": best["accuracy"],
+        "accuracy_floor": floor,
+        "budget": budget,
+        "candidates": len(within),
+        "reason": (
+            f"fastest batch-1 p50 ({best['latency_ms']['p50']:.3f} ms) of the {len(within)} measured rows with "
+            f"accuracy >= teacher {teacher['accuracy']:.4f} - budget {budget:g} = {floor:.4f}"
+        ),
+    }
+
+
+def finish_rows(rows: list[dict[str, Any]], peaks: dict[str, Any] | None) -> None:
+    """Fills the cross-row numbers in place: speedup over the teacher, fraction of peak, Pareto membership."""
+    teacher = rows[0]
+    t_p50 = teacher["latency_ms"]["p50"] if teacher.get("latency_ms") else None
+    measured = [r for r in rows if r["status"] == "ok" and r.get("latency_ms") and r.get("accuracy") is not None]
+    front = pareto_front([(r["latency_ms"]["p50"], r["accuracy"]) for r in measured])
+    for r, on_front in zip(measured, front):
+        r["pareto"] = on_front
+    for r in rows:
+        if r["status"] != "ok" or not r.get("latency_ms"):
+            continue
+        if t_p50:
+            r["speedup_p50"] = t_p50 / r["latency_ms"]["p50"]
+        key = peak_key(r["precision"], r["compute_ops"])
+        r["peak_precision"] = key
+        device_peaks = (peaks or {}).get(r["device"]) or {}
+        peak = (device_peaks.get(key) or {}).get("ops_per_s") if key else None
+        r["peak_ops_per_s"] = peak
+        best = r.get("best_throughput") or {}
+        r["achieved_ops_per_s"], r["fraction_of_peak"] = fraction_of_peak(r["macs"], best.get("images_per_s"), peak)

@@ -1,0 +1,227 @@
+"""``fit``: the one training loop of both entries, read top to bottom.
+
+Everything that can be wrong with the input is checked before the process group or any output exists; then the
+loop trains, evaluates once per epoch, checks that the replicas agree, saves resumable states when asked, and
+writes the student checkpoint once, atomically, at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimforge.train.errors import SlimforgeError
+
+if TYPE_CHECKING:
+    from slimforge.train.schema import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _check_outputs(cfg: RunConfig, distill: bool) -> Path:
+    out = Path(cfg.train.output_dir)
+    if (out / "checkpoint").exists() and not cfg.train.overwrite:
+        raise SlimforgeError(
+            f"{out / 'checkpoint'} already holds a finished run",
+            "choose another train.output_dir or set train.overwrite=true",
+        )
+    if distill and cfg.teacher is None:
+        raise SlimforgeError("distill.py needs a teacher", "set teacher.checkpoint=<teacher run>/checkpoint")
+    return out
+
+
+def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
+    """Trains ``cfg.model`` (with ``cfg.teacher`` when ``distill``) and writes the run folder.
+
+    Returns:
+        The run summary (also written to ``output_dir/summary.json``).
+
+    Example:
+        Launched on every rank by ``accelerate launch train/distill.py --config ...``::
+
+            summary = fit(load_config(RunConfig, "configs/debug/tiny_distill.yaml"), distill=True)
+            summary["val_acc"]
+    """
+    from accelerate.utils import gather_object, set_seed
+    from tqdm.auto import tqdm
+
+    from slimforge.compress.api import apply_recipe_
+    from slimforge.train.config import dump_yaml, to_dict
+    from slimforge.train.data import build_loader, describe, load_splits
+    from slimforge.train.engine.evaluate import evaluate
+    from slimforge.train.engine.metrics import ComputeDtypeProbe, MetricsLog, ThroughputMeter
+    from slimforge.train.engine.replicas import check_replicas_in_sync
+    from slimforge.train.engine.save import save_final
+    from slimforge.train.engine.step import train_step
+    from slimforge.train.engine.topology import build_accelerator, describe_topology, log_topology
+    from slimforge.train.memory import param_bytes, state_memory
+    from slimforge.train.models.load import load_or_build
+    from slimforge.train.optim import build_optimizer, build_scheduler, scaled_lr
+    from slimforge.train.placement import place_teacher
+    from slimforge.train.state import load_train_state, save_train_state
+    from slimforge.train.task import DistillationTask, SupervisedTask, freeze_
+
+    out = _check_outputs(cfg, distill)
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    set_seed(cfg.train.seed)  # same seed on every rank: identical initial weights before DDP's broadcast
+
+    # Build the models and data before the process group or any output exists: bad data, models, sizes or
+    # checkpoints fail here, on every rank alike. (Hub datasets: `datasets` serialises concurrent downloads.)
+    splits = load_splits(cfg.data)
+    info = describe(cfg.data)
+    shape = (splits.num_classes, info["input_size"], info, splits.class_names)
+    student, spec = load_or_build(cfg.model, "model", *shape)
+    teacher = teacher_spec = None
+    if distill:
+        teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *shape)
+    apply_recipe_(student, cfg.compress)  # compression acts on the bare model, before any wrapper
+    spec.recipe = list(cfg.compress)
+
+    accelerator = build_accelerator(cfg.train)
+    if distill and cfg.train.teacher_placement == "sharded" and accelerator.num_processes < 2:
+        raise SlimforgeError(
+            "train.teacher_placement=sharded splits the teacher across processes, and this run has one",
+            "launch with 2 or more processes (configs/accelerate/ddp.yaml, zero*.yaml, fsdp.yaml) or set "
+            "train.teacher_placement=replicated",
+        )
+    if len(splits.train) < cfg.data.batch_size * accelerator.num_processes:
+        raise SlimforgeError(
+            f"the training split has {len(splits.train)} images, fewer than one global batch of "
+            f"{cfg.data.batch_size} × {accelerator.num_processes} processes",
+            "lower data.batch_size or use more data",
+        )
+    topology = describe_topology(accelerator, cfg)
+    lr = scaled_lr(cfg.optim, topology["global_batch"])
+    optimizer = build_optimizer(student, cfg.optim, lr)
+    train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed)
+    val_loader = build_loader(splits.val, cfg.data, is_training=False)
+    student, optimizer, train_loader, val_loader = accelerator.prepare(student, optimizer, train_loader, val_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)  # the last partial one steps too
+    total_steps = cfg.train.epochs * updates_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs * updates_per_epoch, lr)
+    if teacher is not None:
+        # Outside any wrapper Accelerate manages: no gradient sync, no optimizer state, not saved.
+        teacher = place_teacher(
+            freeze_(teacher), cfg.train.teacher_placement, accelerator.device, accelerator.num_processes
+        )
+        task = DistillationTask(teacher, cfg.loss)
+    else:
+        task = SupervisedTask(cfg.loss)
+
+    position = {"step": 0, "epoch": 0, "batch": 0}
+    resumed = load_train_state(accelerator, out / "state") if cfg.train.resume else None
+    if resumed is not None:
+        position = {k: resumed[k] for k in position}
+        scheduler.last_epoch = position["step"]  # the LR is a pure function of the update count
+        scheduler.step(position["step"])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    if cfg.train.tensorboard:
+        accelerator.init_trackers("slimforge", config={"distill": distill, "epochs": cfg.train.epochs})
+    metrics = MetricsLog(out / "metrics.jsonl", accelerator)
+    log_topology(topology, cfg, lr, total_steps, distill)
+
+    def save_state() -> None:
+        save_train_state(accelerator, out / "state", dict(position), keep=cfg.train.keep_states)
+
+    seen: list[list[int]] = []
+    history: list[float] = []
+    digest = ""
+    step = position["step"]
+    meter = ThroughputMeter()
+    compute_dtype = ComputeDtypeProbe(accelerator.unwrap_model(student))  # what autocast really computed in
+    for epoch in range(position["epoch"], cfg.train.epochs):
+        if step >= total_steps:
+            break
+        student.train()
+        train_loader.set_epoch(epoch)
+        skip = position["batch"] if epoch == position["epoch"] else 0
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        seen.append([])
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            initial=skip,
+            total=len(train_loader),
+            disable=not accelerator.is_main_process,
+        )
+        for batch_idx, batch in enumerate(bar, start=skip):
+            if step >= total_steps:  # max_steps reached mid-epoch
+                break
+            losses = train_step(accelerator, student, task, optimizer, batch, cfg.optim.grad_clip)
+            meter.count(batch["label"].shape[0] * accelerator.num_processes)
+            if cfg.train.record_samples:
+                seen[-1].extend(batch["index"].tolist())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            position.update(step=step, epoch=epoch, batch=batch_idx + 1)
+            meter.update_done(step)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                # .item() is a sync point; only paid every log_every steps.
+                record = {k: v.item() for k, v in losses.items() if k != "logits"}
+                record.update(step=step, epoch=epoch + 1, split="train", lr=scheduler.get_last_lr()[0])
+                metrics.log(record, step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                save_state()
+        bar.close()
+        val = evaluate(student, val_loader, accelerator)
+        history.append(val["acc"])
+        metrics.log(
+            {"step": step, "epoch": epoch + 1, "split": "val", "val_acc": val["acc"], "val_loss": val["loss"]}, step
+        )
+        logger.info("epoch %d: val acc %.4f, val loss %.4f (%d images)", epoch + 1, val["acc"], val["loss"], val["n"])
+        digest = check_replicas_in_sync(student, accelerator)
+        position.update(epoch=epoch + 1, batch=0)
+        if cfg.train.checkpoint_every and step < total_steps:
+            save_state()
+
+    summary: dict[str, Any] = {
+        "mode": "distill" if distill else "train",
+        "model": f"{spec.source}:{spec.name}",
+        "val_acc": history[-1] if history else None,
+        "val_acc_per_epoch": history,
+        "epochs": cfg.train.epochs,
+        "steps": step,
+        "resumed_from_step": resumed["step"] if resumed else None,
+        "processes": accelerator.num_processes,
+        "process_index": accelerator.process_index,
+        "distributed_type": topology["distributed_type"],
+        "topology": topology,
+        "global_batch": topology["global_batch"],
+        "peak_lr": lr,
+        "train_compute_dtype": compute_dtype.dtype,
+        **meter.summary(),
+        # Collectives: every rank reports what it holds.
+        "state_memory_per_rank": gather_object([state_memory(accelerator.unwrap_model(student), optimizer)]),
+        "teacher_param_bytes_per_rank": gather_object([param_bytes(teacher)]) if teacher is not None else None,
+    }
+    if teacher is not None:
+        summary["teacher"] = f"{teacher_spec.source}:{teacher_spec.name}"
+        summary["teacher_val_acc"] = evaluate(teacher, val_loader, accelerator)["acc"]
+    if cfg.train.record_samples:
+        ranks = out / "ranks"
+        ranks.mkdir(parents=True, exist_ok=True)
+        record = {"rank": accelerator.process_index, "indices_per_epoch": seen, "state_sha256": digest}
+        (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+    save_final(
+        accelerator, student, spec, out, summary, extra={"data": dataclasses.asdict(cfg.data), "config": to_dict(cfg)}
+    )
+    accelerator.end_training()
+    return summary

@@ -1,0 +1,90 @@
+"""What the loop reports while it runs: ``metrics.jsonl`` (+ trackers) and the training throughput."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (main process) and mirrors scalars to trackers."""
+
+    def __init__(self, path: Path, accelerator) -> None:
+        self.path = path
+        self.accelerator = accelerator
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        self.accelerator.log(scalars, step=step)
+
+
+class ComputeDtypeProbe:
+    """The dtype the student's first convolution or linear layer really produced in the first training step.
+
+    The model's *outputs* do not tell: Accelerate converts a mixed-precision model's outputs back to fp32. A
+    forward hook on the first weighted layer sees what autocast computed in; it removes itself after one call.
+
+    Args:
+        model: The bare (unwrapped) student.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.dtype: str | None = None
+        layer = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+        self._handle = layer.register_forward_hook(self._hook) if layer is not None else None
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self.dtype = str(output.dtype)
+        self._handle.remove()
+
+
+class ThroughputMeter:
+    """Images per second of the whole run and of its steady state.
+
+    The steady state runs from the ``warm_steps``-th optimizer update to the last one, so it excludes the first
+    updates (allocator growth, thread pools, cuDNN autotuning). The meter reads the host clock only: it is exact
+    on CPU; on a GPU the updates it brackets are asynchronous, which evens out over many updates.
+
+    Args:
+        warm_steps: The update after which the steady-state clock starts.
+    """
+
+    def __init__(self, warm_steps: int = 3) -> None:
+        self.warm_steps = warm_steps
+        self.start = time.perf_counter()
+        self.images = 0
+        self._last = (self.start, 0)
+        self._steady: tuple[float, int] | None = None
+
+    def count(self, images: int) -> None:
+        """Adds ``images`` processed by all ranks together (micro-batch × processes)."""
+        self.images += images
+
+    def update_done(self, step: int) -> None:
+        """Marks the end of optimizer update ``step``."""
+        self._last = (time.perf_counter(), self.images)
+        if step == self.warm_steps:
+            self._steady = self._last
+
+    def summary(self) -> dict[str, Any]:
+        """``train_seconds``, ``train_images_per_second`` and ``steady_images_per_second`` (None if too short)."""
+        elapsed = time.perf_counter() - self.start
+        steady = None
+        if self._steady is not None and self._last[0] > self._steady[0]:
+            steady = round((self._last[1] - self._steady[1]) / (self._last[0] - self._steady[0]), 1)
+        return {
+            "train_seconds": round(elapsed, 2),
+            "train_images_per_second": round(self.images / elapsed, 1),
+            # Training updates only (no evaluation, no checkpointing), from the warm-up update to the last.
+            "steady_images_per_second": steady,
+        }
