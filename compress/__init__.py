@@ -1,1 +1,6 @@
-"""slimforge compression: transforms of a bare ``nn.Module`` applied before ``accelerator.prepare``."""
+"""Compression methods for a bare ``nn.Module`` (torch only at import time).
+
+Importing the package registers every built-in recipe method, so a checkpoint's recipe can always be rebuilt.
+"""
+
+from slimforge.compress import lowrank, quantize  # noqa: F401  registers lowrank, qat, ptq

@@ -1,17 +1,21 @@
-"""Checkpoint → verified artifacts: a registry of export formats and the one verb that runs them.
+"""Checkpoint → verified artifacts: the one verb that runs the export formats (:mod:`slimforge.export.formats`).
 
-Each format is an exporter function plus the runtime that checks it. :func:`export_checkpoint` writes every
-artifact under a temporary name, runs it against the eager PyTorch model on real validation images, and only
-then publishes it:
+:func:`export_checkpoint` writes every artifact under a temporary name, runs it against the PyTorch model it
+came from on real validation images, and only then publishes it:
 
-* parity passed → renamed to its final name (``model.onnx``, ``model.ts``, ``model.int8.onnx``);
-* parity failed → renamed to ``<final name>.failed`` (kept for debugging; no loader picks it up by its suffix);
+* every check passed → renamed to its final name (``model.onnx``, ``model.ts``, ``model.int8.onnx``);
+* a check failed → renamed to ``<final name>.failed`` (kept for debugging; no loader picks it up by its suffix);
 * export crashed → the temporary file is deleted.
 
-So a file under a final name is always complete and verified. A format not meant to reproduce the FP32
-logits (``onnx-int8``) is checked with its own, looser :class:`ParityConfig` (top-1 agreement only).
-``export_report.json`` records every artifact's numbers, and ``model.json`` (the checkpoint's description) lets
-the benchmark rebuild the architecture for parameter and MAC counts and feed the artifact the right images.
+So a file under a final name is always complete and verified. What "verified" means follows the artifact: a
+float artifact must reproduce the float logits (``parity``); an int8 one exported from a fake-quant model must
+match that model when ONNX Runtime runs the Q/DQ graph as written (``int8.emulated``), agree with it on top-1
+when ORT runs its integer kernels (``int8.deployed``), and run at least ``int8.min_int8_mac_fraction`` of its
+multiply-accumulates in those kernels. The formats default to what the checkpoint's recipe says it is: a
+quantised checkpoint exports as QDQ int8, never against the float 1e-4 gate.
+
+``export_report.json`` records every artifact's numbers; every artifact carries the checkpoint's model
+description (``model.json`` is the copy a person reads).
 
 Example:
     >>> from slimforge.export.artifacts import ExportConfig, export_checkpoint
@@ -25,71 +29,101 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from slimforge.export.description import MODEL_JSON, embed_onnx, torchscript_extra_files
+from slimforge.export.description import MODEL_JSON
 from slimforge.export.evaldata import ValidationSet, data_config_from_meta
+from slimforge.export.formats import FORMATS, ArtifactFormat, ExportInputs, available_formats
 from slimforge.export.machine import library_versions
 from slimforge.export.report import now, write_json
 from slimforge.export.runtimes import get_runtime
-from slimforge.export.to_onnx import MIN_OPSET, export_onnx
-from slimforge.export.to_onnx_int8 import ACTIVATION_TYPES, quantize_onnx_int8
-from slimforge.export.to_torchscript import export_torchscript
+from slimforge.export.to_onnx import MIN_OPSET
 from slimforge.export.verify import ParityConfig, batch_plan, check_parity, reference_logits
 from slimforge.train.checkpoint import file_sha256, load_checkpoint
-from slimforge.train.errors import SlimforgeError
+from slimforge.train.config import at_least
+from slimforge.train.errors import ConfigError, SlimforgeError
 
 logger = logging.getLogger(__name__)
 
 REPORT = "export_report.json"
 REPORT_FORMAT = "slimforge.export"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 FAILED_SUFFIX = ".failed"
+
+
+@dataclass
+class Int8Config:
+    """How int8 artifacts are made (``onnx-int8``, ``onnx-int8-ort``) and judged (every int8 format)."""
+
+    calibrator: Literal["minmax", "percentile", "entropy"] = "minmax"
+    """Post-training quantisation: how activation ranges are chosen from the calibration images."""
+    percentile: float = 99.99
+    """percentile calibrator: the percentage of values kept inside the range."""
+    calibration_images: int = 256
+    """Post-training quantisation: training images (evaluation transform) the ranges are calibrated on."""
+    backend: Literal["ort-cpu", "tensorrt"] = "ort-cpu"
+    """Post-training quantisation: the runtime the int8 model is for (decides the activation type)."""
+    activations: Literal["uint8", "int8"] | None = None
+    """Post-training quantisation: activation type; null takes the backend's (uint8 for ort-cpu)."""
+    min_int8_mac_fraction: float = 0.95
+    """An int8 artifact fails when a smaller share of its convolution / matmul MACs runs in integer kernels in
+    ONNX Runtime's optimised graph (MAC-weighted)."""
+    emulated: ParityConfig = field(default_factory=lambda: ParityConfig(rtol=1e-2, min_agreement=0.99))
+    """ORT with graph optimisations off (the Q/DQ graph as written) vs the fake-quant PyTorch model: the same
+    arithmetic, apart from float rounding order and the odd rounding tie one quantisation step away."""
+    deployed: ParityConfig = field(default_factory=lambda: ParityConfig(rtol=None, min_agreement=0.99))
+    """ORT's optimised session (integer kernels) vs the fake-quant model: top-1 agreement."""
+    versus_float: ParityConfig = field(default_factory=lambda: ParityConfig(rtol=None, min_agreement=0.9))
+    """ONNX Runtime's own quantisers (no fake-quant model exists): top-1 agreement with the float model."""
+
+    def validate(self) -> list[str]:
+        p = [f"{name}.{x}" for name in ("emulated", "deployed", "versus_float") for x in getattr(self, name).validate()]
+        p += at_least(self, 1, "calibration_images")
+        if not 0 <= self.min_int8_mac_fraction <= 1:
+            p.append(f"min_int8_mac_fraction: {self.min_int8_mac_fraction} must be in [0, 1]")
+        if not 50 < self.percentile <= 100:
+            p.append(f"percentile: {self.percentile} must be in (50, 100]")
+        from slimforge.compress.quantize.config import PTQConfig
+
+        p += PTQConfig(backend=self.backend, activations=self.activations).validate()
+        return p
 
 
 @dataclass
 class ExportConfig:
     """What to export and how strictly to check it."""
 
-    formats: list[str] = field(default_factory=lambda: ["onnx", "torchscript"])
-    """Registered format names (:func:`available_formats`): ``onnx``, ``torchscript``, ``onnx-int8``."""
+    formats: list[str] | None = None
+    """Registered format names (:func:`slimforge.export.formats.available_formats`); null: the checkpoint's own,
+    ``onnx`` + ``torchscript`` for a float checkpoint, ``onnx-qdq`` + ``torchscript`` for a quantised one."""
     opset: int = 18
     """ONNX opset (>= 17)."""
     freeze: bool = True
     """TorchScript: ``torch.jit.freeze`` the traced module (weights become constants, BatchNorm folded)."""
     max_images: int | None = 512
-    """Validation images the parity check runs on; ``None`` uses the whole validation split."""
+    """Validation images the checks run on; ``None`` uses the whole validation split."""
     data_overrides: list[str] = field(default_factory=list)
     """``key=value`` overrides of the checkpoint's recorded DataConfig (or a full description when it has none)."""
     threads: int | None = None
     """CPU threads of the checking runtimes; ``None``: all usable cores."""
     parity: ParityConfig = field(default_factory=ParityConfig)
-    """Tolerances of the formats meant to reproduce the FP32 logits (onnx, torchscript)."""
-    calibration_images: int = 256
-    """onnx-int8: training images (eval transform) its activation ranges are calibrated on."""
-    int8_activations: str = "uint8"
-    """onnx-int8: ``uint8`` (U8S8, what ORT's x86 integer convolutions take) or ``int8`` (S8S8)."""
-    int8_parity: ParityConfig = field(default_factory=lambda: ParityConfig(rtol=None, min_agreement=0.9))
-    """onnx-int8: int8 logits are not FP32 logits, so only top-1 agreement is checked (``rtol`` None); 0.9 lets
-    a trained model's near-ties flip while catching a broken quantisation (random-like agreement)."""
+    """Tolerances of the formats meant to reproduce the checkpoint's logits (onnx, torchscript)."""
+    int8: Int8Config = field(default_factory=Int8Config)
+    """How int8 artifacts are made and judged."""
 
     def validate(self) -> list[str]:
         p = [f"parity.{x}" for x in self.parity.validate()]
-        p += [f"int8_parity.{x}" for x in self.int8_parity.validate()]
-        if self.calibration_images < 1:
-            p.append(f"calibration_images: {self.calibration_images} must be >= 1")
-        if self.int8_activations not in ACTIVATION_TYPES:
-            p.append(f"int8_activations: {self.int8_activations!r} must be one of {', '.join(ACTIVATION_TYPES)}")
-        unknown = [f for f in self.formats if f not in FORMATS]
+        p += [f"int8.{x}" for x in self.int8.validate()]
+        unknown = [f for f in self.formats or [] if f not in FORMATS]
         if unknown:
             p.append(f"formats: unknown {unknown}; choose from {', '.join(available_formats())}")
-        if not self.formats:
+        if self.formats is not None and not self.formats:
             p.append("formats: name at least one format")
         if self.opset < MIN_OPSET:
             p.append(f"opset: {self.opset} must be >= {MIN_OPSET}")
@@ -98,82 +132,43 @@ class ExportConfig:
         return p
 
 
-@dataclass
-class ExportInputs:
-    """What an exporter may feed the model."""
-
-    example: torch.Tensor
-    """``[2, C, H, W]`` validation images (two, so no exporter specialises the batch axis to 1)."""
-    calibration: Callable[[int], torch.Tensor]
-    """``n`` → ``[n, C, H, W]`` training images, preprocessed as the model's eval transform (loaded on demand)."""
-    description: dict[str, Any]
-    """The checkpoint's model description, embedded in every artifact (:mod:`slimforge.export.description`)."""
+def _tolerance(cfg: ExportConfig, dotted: str) -> ParityConfig:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
-Exporter = Callable[[nn.Module, ExportInputs, Path, ExportConfig], None]
+def formats_for(cfg: ExportConfig, quantized: bool, where: str) -> list[str]:
+    """The formats to export: the configured ones, checked against the checkpoint's kind, or its defaults.
 
-
-@dataclass
-class ArtifactFormat:
-    """One export format: where it is written, how, which runtime checks it and with which tolerances."""
-
-    name: str
-    filename: str
-    runtime: str
-    exporter: Exporter
-    parity: str = "parity"
-    """The :class:`ExportConfig` field holding this format's :class:`ParityConfig`."""
-
-
-FORMATS: dict[str, ArtifactFormat] = {}
-
-
-def register_format(name: str, filename: str, runtime: str, parity: str = "parity") -> Callable[[Exporter], Exporter]:
-    """Registers ``fn(model, inputs, path, cfg)`` as export format ``name``.
-
-    Args:
-        name: Format name (``--formats``).
-        filename: The verified artifact's name in the output directory.
-        runtime: The registered runtime that runs it for the parity check.
-        parity: The :class:`ExportConfig` field with its tolerances.
+    Raises:
+        ConfigError: a format does not fit the checkpoint (a float format for a quantised one, or the reverse).
     """
-
-    def decorator(fn: Exporter) -> Exporter:
-        if name in FORMATS:
-            raise ValueError(f"export format {name!r} is registered twice")
-        FORMATS[name] = ArtifactFormat(name, filename, runtime, fn, parity)
-        return fn
-
-    return decorator
-
-
-def available_formats() -> list[str]:
-    return sorted(FORMATS)
-
-
-@register_format("onnx", "model.onnx", runtime="ort-cpu")
-def _onnx(model: nn.Module, inputs: ExportInputs, path: Path, cfg: ExportConfig) -> None:
-    export_onnx(model, inputs.example, path, opset=cfg.opset)
-    embed_onnx(path, inputs.description)
-
-
-@register_format("torchscript", "model.ts", runtime="torchscript")
-def _torchscript(model: nn.Module, inputs: ExportInputs, path: Path, cfg: ExportConfig) -> None:
-    export_torchscript(
-        model, inputs.example, path, freeze=cfg.freeze, extra_files=torchscript_extra_files(inputs.description)
-    )
+    if cfg.formats is None:
+        return ["onnx-qdq", "torchscript"] if quantized else ["onnx", "torchscript"]
+    problems = []
+    for name in cfg.formats:
+        needs = FORMATS[name].checkpoint
+        if needs == "float" and quantized:
+            problems.append(
+                f"formats: {name} exports a float model, and {where} is quantised (its recipe has a qat/ptq step): "
+                "its ONNX export is the int8 QDQ graph with the learned scales, format onnx-qdq"
+            )
+        elif needs == "quantized" and not quantized:
+            problems.append(
+                f"formats: {name} exports a quantised checkpoint's learned scales, and {where} is a float model: "
+                "use onnx-int8 (post-training quantisation), or train with a qat step first"
+            )
+    if problems:
+        raise ConfigError(problems, fix="drop --formats to export what the checkpoint is, or pick a fitting format")
+    return list(cfg.formats)
 
 
-@register_format("onnx-int8", "model.int8.onnx", runtime="ort-cpu", parity="int8_parity")
-def _onnx_int8(model: nn.Module, inputs: ExportInputs, path: Path, cfg: ExportConfig) -> None:
-    fp32 = path.with_name(path.name + ".fp32.onnx")
-    try:
-        export_onnx(model, inputs.example, fp32, opset=cfg.opset)
-        calibration = inputs.calibration(cfg.calibration_images).numpy()
-        quantize_onnx_int8(fp32, path, calibration, activations=cfg.int8_activations)
-        embed_onnx(path, inputs.description)
-    finally:
-        fp32.unlink(missing_ok=True)
+def _publish(tmp: Path, final: Path, passed: bool) -> Path:
+    target = final if passed else final.with_name(final.name + FAILED_SUFFIX)
+    os.replace(tmp, target)
+    return target
 
 
 def _export_one(
@@ -181,8 +176,8 @@ def _export_one(
     model: nn.Module,
     inputs: ExportInputs,
     images: torch.Tensor,
-    reference,
-    plan,
+    reference: np.ndarray,
+    plan: list[int],
     out: Path,
     cfg: ExportConfig,
 ) -> dict[str, Any]:
@@ -192,14 +187,22 @@ def _export_one(
     # A previous run's artifact would look like this run's output: remove it before anything can fail.
     for stale in (final, failed, tmp):
         stale.unlink(missing_ok=True)
-    entry: dict[str, Any] = {"format": fmt.name, "file": None, "runtime": fmt.runtime, "status": "error"}
+    entry: dict[str, Any] = {"format": fmt.name, "file": None, "status": "error", **fmt.options(cfg)}
     start = time.perf_counter()
     try:
-        fmt.exporter(model, inputs, tmp, cfg)
+        quantized = fmt.exporter(model, inputs, tmp, cfg)
         entry["export_seconds"] = round(time.perf_counter() - start, 3)
-        runtime = get_runtime(fmt.runtime)(threads=cfg.threads)
-        runtime.load(tmp)
-        result = check_parity(runtime, images, reference, plan, getattr(cfg, fmt.parity), artifact=fmt.filename)
+        quantized_reference = reference if quantized is None else reference_logits(quantized, images, plan)
+        results, deployed = {}, None
+        for check in fmt.checks:
+            runtime = get_runtime(check.runtime)(threads=cfg.threads)
+            runtime.load(tmp)
+            ref = quantized_reference if check.reference == "quantized" else reference
+            results[check.name] = check_parity(
+                runtime, images, ref, plan, _tolerance(cfg, check.tolerance), fmt.filename
+            )
+            if deployed is None or check.runtime == "ort-cpu":
+                deployed = runtime
     except SlimforgeError as e:
         tmp.unlink(missing_ok=True)
         logger.error("%s export failed: %s", fmt.name, e.problem)
@@ -208,23 +211,27 @@ def _export_one(
     except BaseException:  # a bug or Ctrl-C: leave nothing half-written behind, then let it surface
         tmp.unlink(missing_ok=True)
         raise
-    target = final if result.passed else failed
-    os.replace(tmp, target)
+    fraction = deployed.details.get("int8_mac_fraction")
+    mac_ok = not fmt.mac_gate or (fraction is not None and fraction >= cfg.int8.min_int8_mac_fraction)
+    passed = all(r.passed for r in results.values()) and mac_ok
+    target = _publish(tmp, final, passed)
     entry.update(
         file=target.name,
-        status="passed" if result.passed else "failed",
-        passed=result.passed,
+        status="passed" if passed else "failed",
+        passed=passed,
         bytes=target.stat().st_size,
         sha256=file_sha256(target),
-        precision=runtime.precision,
-        parity=result.to_dict(),
+        runtime=deployed.name,
+        precision=deployed.precision,
+        parity=next(iter(results.values())).to_dict(),
+        checks={name: r.to_dict() for name, r in results.items()},
     )
-    if fmt.name in ("onnx", "onnx-int8"):
-        entry["opset"] = cfg.opset
-    if fmt.name == "onnx-int8":
-        entry.update(calibration_images=cfg.calibration_images, int8_activations=cfg.int8_activations)
-    if fmt.name == "torchscript":
-        entry["frozen"] = cfg.freeze
+    if "int8_mac_fraction" in deployed.details:
+        entry.update(
+            int8_mac_fraction=fraction,
+            int8_macs=deployed.details.get("int8_macs"),
+            min_int8_mac_fraction=cfg.int8.min_int8_mac_fraction if fmt.mac_gate else None,
+        )
     return entry
 
 
@@ -244,13 +251,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         ConfigError: ``cfg`` is invalid.
         CheckpointError / DataError: the checkpoint or its validation data cannot be read (nothing is written).
     """
-    from slimforge.train.errors import ConfigError
+    from slimforge.compress.api import is_quantized
 
     problems = cfg.validate()
     if problems:
         raise ConfigError(problems, fix="fix the export options")
     checkpoint = Path(checkpoint).resolve()
     model, spec, meta = load_checkpoint(checkpoint)
+    formats = formats_for(cfg, is_quantized(spec.recipe), f"checkpoint {checkpoint}")
     data_cfg = data_config_from_meta(meta, cfg.data_overrides, where=str(checkpoint))
     val = ValidationSet(data_cfg, cfg.max_images)
     images = val.images_for(spec)  # [N, C, H, W]
@@ -269,7 +277,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         calibration=lambda n: ValidationSet(data_cfg, n, split="train").images_for(spec),
         description=description,
     )
-    artifacts = [_export_one(FORMATS[n], model, inputs, images, reference, plan, out, cfg) for n in cfg.formats]
+    artifacts = [_export_one(FORMATS[n], model, inputs, images, reference, plan, out, cfg) for n in formats]
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -280,8 +288,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         "data": asdict(data_cfg),
         "num_images": len(images),
         "batch_plan": sorted(set(plan)),
-        "tolerance": {"rtol": cfg.parity.rtol, "min_agreement": cfg.parity.min_agreement},
-        "int8_tolerance": {"rtol": cfg.int8_parity.rtol, "min_agreement": cfg.int8_parity.min_agreement},
+        "recipe": [step["method"] for step in spec.recipe],
+        "settings": asdict(cfg),
         "versions": library_versions(),
         "artifacts": artifacts,
         "passed": all(a["passed"] for a in artifacts),
@@ -291,17 +299,28 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def failure_message(report: dict[str, Any]) -> str:
-    """One line per artifact that did not pass, with its numbers."""
+    """One line per failed check of every artifact that did not pass, with its numbers."""
     lines = []
     for a in report["artifacts"]:
         if a["status"] == "failed":
-            p = a["parity"]
-            limit = "not checked" if p["rtol"] is None else f"limit {p['rtol']:g}"
-            lines.append(
-                f"{a['format']} artifact FAILED parity (kept as {a['file']}): relative logit diff {p['rel_diff']:.3g} "
-                f"(max abs {p['max_abs_diff']:.3g} / logit scale {p['logit_scale']:.3g}, {limit}), "
-                f"top-1 agreement {p['top1_agreement']:.4f} (limit {p['min_agreement']:g}) on {p['num_images']} images"
-            )
+            for name, p in a["checks"].items():
+                if p["passed"]:
+                    continue
+                limit = "not checked" if p["rtol"] is None else f"limit {p['rtol']:g}"
+                lines.append(
+                    f"{a['format']} artifact FAILED its {name} check (kept as {a['file']}): relative logit diff "
+                    f"{p['rel_diff']:.3g} (max abs {p['max_abs_diff']:.3g} / logit scale {p['logit_scale']:.3g}, "
+                    f"{limit}), top-1 agreement {p['top1_agreement']:.4f} (limit {p['min_agreement']:g}) on "
+                    f"{p['num_images']} images [{p['runtime']}]"
+                )
+            fraction, minimum = a.get("int8_mac_fraction"), a.get("min_int8_mac_fraction")
+            if minimum is not None and (fraction is None or fraction < minimum):
+                floats = ", ".join((a.get("int8_macs") or {}).get("float_layers", [])[:5])
+                lines.append(
+                    f"{a['format']} artifact FAILED the int8 gate (kept as {a['file']}): "
+                    f"{'unknown' if fraction is None else f'{fraction:.1%}'} of its conv/matmul MACs run in integer "
+                    f"kernels (minimum {minimum:.0%}); float layers: {floats or 'unknown'}"
+                )
         elif a["status"] == "error":
             lines.append(f"{a['format']} export failed: {a['error']}")
     return "\n".join(lines)

@@ -1,13 +1,14 @@
-"""Export a slimforge checkpoint to ONNX, TorchScript and int8 ONNX, each verified against PyTorch on validation images.
+"""Export a slimforge checkpoint to ONNX / TorchScript / int8 ONNX, each verified against PyTorch on real images.
 
     python export/export.py --checkpoint runs/student/checkpoint --out runs/student/export
     python export/export.py --checkpoint CKPT --out OUT --formats onnx --opset 18 --max-images 256 --rtol 1e-4
-    python export/export.py --checkpoint CKPT --out OUT --formats onnx onnx-int8 --calibration-images 256
+    python export/export.py --checkpoint CKPT --out OUT --formats onnx onnx-int8 --calibrator entropy
 
-Writes ``model.onnx`` / ``model.ts`` / ``model.int8.onnx`` (only once they pass parity; a failing one is kept as
-``*.failed``; int8 is judged on top-1 agreement only, ``--int8-min-agreement``),
-``model.json`` (the checkpoint's model description) and ``export_report.json`` into ``--out``.
-Exit codes: 0 every artifact passed; 1 an artifact failed export or parity; 2 bad input (checkpoint, data, options).
+Without ``--formats`` a checkpoint exports as what it is: ``model.onnx`` + ``model.ts`` for a float model,
+``model.int8.onnx`` (QDQ, the learned scales) + ``model.ts`` for a quantisation-aware-trained one. A file gets its
+final name only once it passes its checks (a failing one is kept as ``*.failed``); ``export_report.json`` holds
+every check's numbers and, for int8 files, the share of multiply-accumulates ONNX Runtime ran in integer kernels.
+Exit codes: 0 every artifact passed; 1 an artifact failed export or a check; 2 bad input (checkpoint, data, options).
 """
 
 from __future__ import annotations
@@ -18,32 +19,38 @@ import sys
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from slimforge.export.artifacts import ExportConfig, available_formats
+    from slimforge.export.artifacts import ExportConfig
+    from slimforge.export.formats import available_formats
 
     d = ExportConfig()
+    q = d.int8
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="slimforge checkpoint directory (model.safetensors + json)")
     p.add_argument("--out", required=True, help="output directory for artifacts and export_report.json")
-    p.add_argument("--formats", nargs="+", default=d.formats, choices=available_formats(), help="%(default)s")
+    p.add_argument("--formats", nargs="+", choices=available_formats(), help="default: what the checkpoint is")
     p.add_argument("--opset", type=int, default=d.opset, help="ONNX opset, >= 17 (default %(default)s)")
     p.add_argument("--no-freeze", action="store_true", help="save the traced TorchScript without torch.jit.freeze")
     p.add_argument("--max-images", type=int, default=d.max_images, help="validation images checked (%(default)s)")
     p.add_argument("--rtol", type=float, default=d.parity.rtol, help="max |diff| / max |logit| (%(default)s)")
-    p.add_argument(
-        "--min-agreement", type=float, default=d.parity.min_agreement, help="min top-1 agreement (%(default)s)"
-    )
-    p.add_argument("--batch-size", type=int, default=d.parity.batch_size, help="parity batch size (%(default)s)")
-    p.add_argument(
-        "--calibration-images", type=int, default=d.calibration_images, help="onnx-int8: training images (%(default)s)"
-    )
-    p.add_argument(
-        "--int8-activations", default=d.int8_activations, choices=["uint8", "int8"], help="onnx-int8 (%(default)s)"
-    )
-    p.add_argument(
-        "--int8-min-agreement",
+    p.add_argument("--min-agreement", type=float, default=d.parity.min_agreement, help="min top-1 agreement")
+    p.add_argument("--batch-size", type=int, default=d.parity.batch_size, help="check batch size (%(default)s)")
+    int8 = p.add_argument_group("int8")
+    int8.add_argument("--calibrator", default=q.calibrator, choices=["minmax", "percentile", "entropy"])
+    int8.add_argument("--percentile", type=float, default=q.percentile, help="percentile calibrator (%(default)s)")
+    int8.add_argument("--calibration-images", type=int, default=q.calibration_images, help="(%(default)s)")
+    int8.add_argument("--int8-backend", default=q.backend, choices=["ort-cpu", "tensorrt"], help="(%(default)s)")
+    int8.add_argument("--int8-activations", choices=["uint8", "int8"], help="default: the backend's")
+    int8.add_argument(
+        "--min-int8-mac-fraction",
         type=float,
-        default=d.int8_parity.min_agreement,
-        help="onnx-int8: min top-1 agreement with the FP32 model; logits are not compared (%(default)s)",
+        default=q.min_int8_mac_fraction,
+        help="fail an int8 file that runs less of its MACs in integer kernels (%(default)s)",
+    )
+    int8.add_argument(
+        "--emulated-rtol", type=float, default=q.emulated.rtol, help="ORT without optimisations vs fake-quant"
+    )
+    int8.add_argument(
+        "--int8-min-agreement", type=float, default=q.deployed.min_agreement, help="optimised ORT vs fake-quant top-1"
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the checking runtimes (all cores)")
     p.add_argument(
@@ -55,12 +62,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from slimforge.export.artifacts import REPORT, ExportConfig, export_checkpoint, failure_message
+    import dataclasses
+
+    from slimforge.export.artifacts import REPORT, ExportConfig, Int8Config, export_checkpoint, failure_message
     from slimforge.export.report import configure_logging
     from slimforge.export.verify import ParityConfig
     from slimforge.train.errors import SlimforgeError, report_error
 
     configure_logging(args.verbose)
+    q = Int8Config()
+    int8 = dataclasses.replace(
+        q,
+        calibrator=args.calibrator,
+        percentile=args.percentile,
+        calibration_images=args.calibration_images,
+        backend=args.int8_backend,
+        activations=args.int8_activations,
+        min_int8_mac_fraction=args.min_int8_mac_fraction,
+        emulated=dataclasses.replace(q.emulated, rtol=args.emulated_rtol, batch_size=args.batch_size),
+        deployed=dataclasses.replace(q.deployed, min_agreement=args.int8_min_agreement, batch_size=args.batch_size),
+    )
     cfg = ExportConfig(
         formats=args.formats,
         opset=args.opset,
@@ -69,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         data_overrides=args.data,
         threads=args.threads,
         parity=ParityConfig(rtol=args.rtol, min_agreement=args.min_agreement, batch_size=args.batch_size),
-        calibration_images=args.calibration_images,
-        int8_activations=args.int8_activations,
-        int8_parity=ParityConfig(rtol=None, min_agreement=args.int8_min_agreement, batch_size=args.batch_size),
+        int8=int8,
     )
     try:
         report = export_checkpoint(args.checkpoint, args.out, cfg)
@@ -82,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failure_message(report)}\n  report: {report_path}", file=sys.stderr)
         return 1
     for a in report["artifacts"]:
-        p = a["parity"]
-        print(
-            f"{os.path.join(args.out, a['file'])} [{a['precision']}]: parity ok (rel diff {p['rel_diff']:.2e}, "
-            f"top-1 agreement {p['top1_agreement']:.4f} on {p['num_images']} images)"
+        checks = ", ".join(
+            f"{name} rel diff {c['rel_diff']:.2e} top-1 {c['top1_agreement']:.4f}" for name, c in a["checks"].items()
         )
+        mac = f", int8 MACs {a['int8_mac_fraction']:.1%}" if a.get("int8_mac_fraction") is not None else ""
+        images = a["parity"]["num_images"]
+        print(f"{os.path.join(args.out, a['file'])} [{a['precision']}]: ok ({checks}{mac}; {images} images)")
     print(f"report: {report_path}")
     return 0
 

@@ -88,6 +88,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "% of peak",
         "params (M)",
         "MMACs",
+        "int8 MACs",
         "size (MB)",
         "speedup (p50)",
         "status",
@@ -113,6 +114,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt(r.get("fraction_of_peak"), ".1%"),
                 _fmt(r.get("params"), ".3f", 1e6),
                 _fmt(r.get("macs"), ".1f", 1e6),
+                _fmt(r.get("int8_mac_fraction"), ".1%"),
                 _fmt(r.get("size_bytes"), ".2f", 1e6),
                 speedup + ("×" if speedup != "—" else ""),
                 status,
@@ -178,6 +180,9 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"\nRecommended (accuracy budget {rec['budget']:g}): **{rec['artifact']} [{rec['runtime']}]**, "
             f"{rec['precision']}, p50 {rec['p50_ms']:.3f} ms, accuracy {rec['accuracy']:.4f} — {rec['reason']}.\n"
         )
+    notes = [f"- {r['artifact']} [{r['runtime']}]: {n}" for r in report["rows"] for n in r.get("notes") or []]
+    if notes:
+        out += "\nNotes:\n" + "\n".join(notes) + "\n"
     skipped = [r for r in report["rows"] if r["status"] == "skipped"]
     errors = [r for r in report["rows"] if r["status"] == "error"]
     if skipped:
@@ -217,6 +222,7 @@ CSV_COLUMNS = (
     "gpu_peak_mb",
     "params",
     "macs",
+    "int8_mac_fraction",
     "size_bytes",
     "speedup_p50",
     "achieved_ops_per_s",

@@ -225,6 +225,10 @@ def html_report(report: dict[str, Any]) -> str:
         "precision the row computed in. Speedup: teacher p50 / row p50.</p>"
     )
 
+    notes = [(r, n) for r in rows for n in r.get("notes") or []]
+    if notes:
+        items = "".join(f"<li>{esc(r['artifact'])} [{esc(r['runtime'])}]: {esc(n)}</li>" for r, n in notes)
+        parts.append(f"<h2>Notes</h2><ul>{items}</ul>")
     skipped = [r for r in rows if r["status"] in ("skipped", "error")]
     if skipped:
         parts.append("<h2>Skipped and failed rows</h2><ul>")

@@ -1,4 +1,6 @@
-"""Int8 post-training quantisation of an ONNX graph with ONNX Runtime's ``quantize_static``.
+"""Int8 post-training quantisation of an ONNX graph with ONNX Runtime's own tools (``quantize_static``,
+``quantize_dynamic``): the reference slimforge's own QDQ export (:mod:`slimforge.compress.quantize`) is measured
+against.
 
 The FP32 graph (:func:`slimforge.export.to_onnx.export_onnx`) gets QuantizeLinear/DequantizeLinear pairs around every
 convolution and matmul (QDQ format), weights quantised per output channel (int8, symmetric) and activations
@@ -48,6 +50,7 @@ def quantize_onnx_int8(
     batch_size: int = 16,
     activations: str = "uint8",
     per_channel: bool = True,
+    method: str = "minmax",
 ) -> Path:
     """Writes the QDQ int8 version of an FP32 ONNX graph.
 
@@ -58,6 +61,7 @@ def quantize_onnx_int8(
         batch_size: Images per calibration batch.
         activations: ``"uint8"`` (U8S8) or ``"int8"`` (S8S8).
         per_channel: Quantise weights per output channel (else per tensor).
+        method: ORT's calibration method: ``minmax``, ``percentile`` or ``entropy``.
 
     Raises:
         ExportError: onnxruntime's quantisation tools are missing or quantisation fails.
@@ -68,7 +72,13 @@ def quantize_onnx_int8(
         raise ExportError("no calibration images for int8 quantisation", "use a dataset with training images")
     try:
         import onnx
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
     except ImportError as e:
         raise ExportError(
             f"onnxruntime.quantization cannot be imported ({e})", "pip install onnxruntime-gpu (or onnxruntime) onnx"
@@ -97,6 +107,11 @@ def quantize_onnx_int8(
             per_channel=per_channel,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[method],
         )
     except Exception as e:  # onnxruntime.quantization raises plain exceptions of many types
         logger.debug("quantize_static traceback", exc_info=True)
@@ -104,4 +119,39 @@ def quantize_onnx_int8(
     finally:
         logging.getLogger().removeFilter(hint)
     logger.info("int8 QDQ graph (%s activations, calibrated on %d images): %s", activations, len(data), out_path)
+    return out_path
+
+
+def quantize_onnx_dynamic(fp32_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Writes the dynamically quantised version of an FP32 ONNX graph: int8 weights (per channel), activations
+    quantised per batch at run time (MatMulInteger / ConvInteger). It needs no calibration data and fits models
+    whose cost is in their linear layers (vision transformers).
+
+    Raises:
+        ExportError: onnxruntime's quantisation tools are missing or quantisation fails.
+    """
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise ExportError(
+            f"onnxruntime.quantization cannot be imported ({e})", "pip install onnxruntime-gpu (or onnxruntime) onnx"
+        ) from None
+    import onnx
+
+    out_path = Path(out_path)
+    # The exporter's recorded intermediate shapes (value_info) go stale once a Gemm's weight becomes a transposed
+    # MatMulInteger operand, and quantize_dynamic's shape inference then fails on them: let it infer them afresh.
+    model = onnx.load(str(fp32_path))
+    del model.graph.value_info[:]
+    bare = out_path.with_name(out_path.name + ".bare.onnx")
+    onnx.save(model, str(bare))
+    try:
+        quantize_dynamic(str(bare), str(out_path), per_channel=True, weight_type=QuantType.QInt8)
+    except Exception as e:  # onnxruntime.quantization raises plain exceptions of many types
+        logger.debug("quantize_dynamic traceback", exc_info=True)
+        raise ExportError(
+            f"dynamic int8 quantisation failed: {first_line(e)}", "run with -v for the traceback"
+        ) from None
+    finally:
+        bare.unlink(missing_ok=True)
     return out_path

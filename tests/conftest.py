@@ -89,3 +89,72 @@ def make_checkpoint(path: Path, name: str = "resnet10t", data=None, kwargs: dict
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("teacher") / "checkpoint", name="resnet10t")
+
+
+def train_checkpoint(path: Path, name: str = "resnet10t", steps: int = 120, seed: int = 0, data=None) -> Path:
+    """A *trained* checkpoint of timm ``name`` on the embedded MNIST (a plain AdamW loop, ~``steps`` updates of 32
+    images): its logits have real margins, unlike a random init, so int8 checks can be asked to agree."""
+    import torch
+    import torch.nn.functional as F
+
+    from slimforge.train.checkpoint import save_checkpoint
+    from slimforge.train.data import build_loader, describe, load_splits
+    from slimforge.train.models import ModelConfig, build_model
+
+    data = data or tiny_data_config(max_train_samples=1024, batch_size=32, augment=False)
+    torch.manual_seed(seed)
+    info = describe(data)
+    splits = load_splits(data)
+    model, spec = build_model(ModelConfig(name=name), splits.num_classes, info["input_size"], info)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    done = 0
+    while done < steps:
+        for batch in build_loader(splits.train, data, is_training=True, seed=seed):
+            loss = F.cross_entropy(model(batch["pixel_values"]), batch["label"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    save_checkpoint(model.eval().state_dict(), spec, path, extra={"data": dataclasses.asdict(data)})
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_resnet(tmp_path_factory) -> Path:
+    """resnet10t trained for 120 updates on embedded MNIST (about 86% validation accuracy)."""
+    return train_checkpoint(tmp_path_factory.mktemp("trained") / "resnet10t", "resnet10t")
+
+
+def compress_checkpoint(source, path, steps: list[dict], updates: int = 6, images=None):
+    """``source`` with recipe ``steps`` applied through the methods' hooks, as the engine drives them (QAT: a few
+    updates on real training images, or on ``images`` ``[N, C, H, W]``), converted and saved. Returns the saved
+    checkpoint's path and the model as saved (eval mode)."""
+    import torch
+
+    from slimforge.compress.api import CompressionContext
+    from slimforge.export.evaldata import ValidationSet, data_config_from_meta
+    from slimforge.train.checkpoint import load_checkpoint, save_checkpoint
+    from slimforge.train.recipe import build_methods
+
+    model, spec, meta = load_checkpoint(source)
+    if images is None:
+        images = ValidationSet(data_config_from_meta(meta), 64, split="train").images_for(spec)
+    batches = list(images.split(16))
+    methods = build_methods(steps)
+    ctx = CompressionContext(example_input=images[:1], batches=lambda n: iter(batches[:n]))
+    for m in methods:
+        model = m.prepare(model, ctx)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    model.train()
+    for step in range(1, updates + 1):
+        model(batches[step % len(batches)]).logsumexp(1).mean().backward()  # any loss: the point is the structure
+        optimizer.step()
+        optimizer.zero_grad()
+        for m in methods:
+            m.on_step(model, step)
+    for m in methods:
+        m.convert(model)
+    spec.recipe = spec.recipe + [m.step_record() for m in methods]
+    return save_checkpoint(model.eval().state_dict(), spec, path, extra=meta["extra"]), model

@@ -16,3 +16,16 @@ def tiny_convnet(num_classes: int, in_chans: int, width: int = 8) -> nn.Module:
         nn.Flatten(),
         nn.Linear(2 * width, num_classes),
     )
+
+
+def tiny_upsampler(num_classes: int, in_chans: int, width: int = 8) -> nn.Module:
+    """A CNN with a transposed convolution: a layer type ONNX Runtime has no int8 kernel for."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(width, width, 2, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )

@@ -141,6 +141,26 @@ def read_spec(path: str | os.PathLike) -> ModelSpec:
     return ModelSpec.from_dict(read_meta(path)["model"])
 
 
+def rebuild_model(spec: ModelSpec, where: str = "") -> nn.Module:
+    """The bare architecture ``spec`` describes with its compression recipe replayed (no data, random weights).
+
+    Raises:
+        CheckpointError: a recipe step cannot be rebuilt (unknown method, structure that no longer fits).
+    """
+    from slimforge.compress.api import RecipeError, rebuild
+    from slimforge.train.errors import ConfigError
+    from slimforge.train.recipe import recorded_config
+
+    model = create_model(spec)
+    try:
+        return rebuild(model, spec.recipe, recorded_config)
+    except (RecipeError, ConfigError) as e:
+        raise CheckpointError(
+            f"{where or spec.name}: cannot rebuild its compressed structure: {getattr(e, 'problem', e)}",
+            getattr(e, "fix", "") or "re-create the checkpoint with this slimforge version",
+        ) from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[nn.Module, ModelSpec, dict]:
     """Rebuilds the model a checkpoint describes and loads its weights (strictly).
 
@@ -153,16 +173,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from slimforge.compress.api import RecipeError, apply_recipe_
-
     path = Path(path)
     meta = read_meta(path)
     spec = ModelSpec.from_dict(meta["model"])
-    model = create_model(spec)
-    try:
-        apply_recipe_(model, spec.recipe)
-    except RecipeError as e:
-        raise CheckpointError(f"checkpoint {path}: cannot rebuild its compressed structure: {e}", "") from None
+    model = rebuild_model(spec, where=f"checkpoint {path}")
     try:
         state = load_file(str(path / meta["weights"]["file"]), device=map_location)
     except (SafetensorError, OSError) as e:

@@ -176,6 +176,13 @@ def at_least(cfg: Any, minimum: float, *names: str) -> list[str]:
     return problems
 
 
+def build_section(cls: type[T], data: dict[str, Any], where: str) -> tuple[T | None, list[str]]:
+    """Builds ``cls`` from ``data`` and returns it with every problem found (prefixed with ``where``)."""
+    errors: list[str] = []
+    obj = _build(cls, data, where, errors)
+    return (None if errors else obj), errors
+
+
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Builds config dataclass ``cls`` from plain data, raising one ConfigError listing every problem."""
     errors: list[str] = []

@@ -85,9 +85,11 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compress: list[dict[str, Any]] = field(default_factory=list)
-    """Compression recipe applied to the bare student before training: ``[{method: ..., ...}]``."""
+    """Compression recipe steps ``[{method: <name>, <option>: <value>}, ...]`` applied to the bare student before
+    training (methods: ``slimforge.compress.api.method_names()``; options: each method's ``XxxConfig``). A student
+    loaded from a checkpoint keeps its recorded steps; these are appended."""
 
     def validate(self) -> list[str]:
-        from slimforge.compress.api import check_recipe
+        from slimforge.train.recipe import step_problems
 
-        return [f"compress.{p}" for p in check_recipe(self.compress)]
+        return [f"compress{p}" for p in step_problems(self.compress)]

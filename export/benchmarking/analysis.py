@@ -65,8 +65,35 @@ def recommend(rows: list[dict[str, Any]], budget: float) -> dict[str, Any] | Non
     }
 
 
+def int8_notes(rows: list[dict[str, Any]]) -> None:
+    """Says, on each int8 row, how it compares with the float row of the same model on the same runtime: int8 is
+    not always faster (depthwise networks in ONNX Runtime on x86 CPUs often are not), and a report must say so."""
+    for r in rows:
+        if r["status"] != "ok" or not str(r.get("precision") or "").startswith(("int8", "mixed(int8")):
+            continue
+        floats = [
+            f
+            for f in rows
+            if f["status"] == "ok"
+            and f is not r
+            and (f["model"], f["runtime"], f["role"]) == (r["model"], r["runtime"], r["role"])
+            and f.get("precision") == "fp32"
+        ]
+        if not floats or not r.get("latency_ms"):
+            continue
+        f = min(floats, key=lambda x: x["latency_ms"]["p50"])
+        ratio = f["latency_ms"]["p50"] / r["latency_ms"]["p50"]
+        verdict = "faster" if ratio >= 1 else "SLOWER"
+        r["notes"] = (r.get("notes") or []) + [
+            f"int8 is {verdict} than FP32 on {r['runtime']}: p50 {r['latency_ms']['p50']:.3f} vs "
+            f"{f['latency_ms']['p50']:.3f} ms ({ratio:.2f}× the FP32 speed)"
+        ]
+
+
 def finish_rows(rows: list[dict[str, Any]], peaks: dict[str, Any] | None) -> None:
-    """Fills the cross-row numbers in place: speedup over the teacher, fraction of peak, Pareto membership."""
+    """Fills the cross-row numbers in place: speedup over the teacher, fraction of peak, Pareto membership, and
+    how each int8 row compares with its model's FP32 row on the same runtime."""
+    int8_notes(rows)
     teacher = rows[0]
     t_p50 = teacher["latency_ms"]["p50"] if teacher.get("latency_ms") else None
     measured = [r for r in rows if r["status"] == "ok" and r.get("latency_ms") and r.get("accuracy") is not None]

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimforge.compress.api import apply_recipe_
 from slimforge.compress.stats import count_macs, count_parameters
 from slimforge.export.benchmarking.config import BenchConfig
 from slimforge.export.benchmarking.plan import Target
@@ -29,8 +28,9 @@ from slimforge.export.evaldata import ValidationSet
 from slimforge.export.measure import measure_artifact
 from slimforge.export.report import write_json
 from slimforge.export.runtimes import CHECKPOINT_KIND, artifact_kind, default_runtime, runtime_class
+from slimforge.train.checkpoint import rebuild_model
 from slimforge.train.errors import ExportError, SlimforgeError, first_line
-from slimforge.train.models import ModelSpec, create_model
+from slimforge.train.models import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ _METRICS = (
     "load_seconds",
     "first_run_seconds",
     "runtime_details",
+    "int8_mac_fraction",
+    "notes",
 )
 
 
@@ -81,7 +83,7 @@ def model_cost(spec: ModelSpec) -> tuple[int, int]:
     """
     key = json.dumps(spec.to_dict(), sort_keys=True)
     if key not in _COST_CACHE:
-        model = apply_recipe_(create_model(spec), spec.recipe).eval()
+        model = rebuild_model(spec).eval()
         _COST_CACHE[key] = (count_parameters(model), count_macs(model, spec.input_size))
     return _COST_CACHE[key]
 
@@ -209,6 +211,7 @@ class RowRunner:
                 device=d["device"],
                 threads=d["threads"],
                 runtime_details=d["details"],
+                int8_mac_fraction=d["details"].get("int8_mac_fraction"),
                 num_images=len(preds),
                 accuracy=float((preds == self.val.labels.numpy()).mean()),
                 agreement=float((preds == reference).mean()),

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from slimforge.export.onnx_graph import onnx_precision, ort_compute_ops
+from slimforge.export.onnx_graph import int8_macs, onnx_precision, ort_compute_ops
 from slimforge.export.runtimes.base import (
     Runtime,
     cuda_available,
@@ -57,9 +57,11 @@ def session_options(threads: int, optimize: bool = True):
 
 @register_runtime("ort-cpu", default_for=(".onnx",))
 class OrtCpu(Runtime):
-    """ONNX Runtime on the CPUExecutionProvider."""
+    """ONNX Runtime on the CPUExecutionProvider. For a quantised graph it reads back which Q/DQ-wrapped operations
+    became integer kernels, and which share of the multiply-accumulates they carry (``int8_mac_fraction``)."""
 
     providers: ClassVar[list[str]] = ["CPUExecutionProvider"]
+    optimize: ClassVar[bool] = True
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -73,7 +75,7 @@ class OrtCpu(Runtime):
         ort = import_onnxruntime()
         path = Path(path)
         require_file(path)
-        so = session_options(self.threads)
+        so = session_options(self.threads, optimize=self.optimize)
         try:
             declared = onnx_precision(path)
         except Exception as e:  # a corrupted protobuf: the session below names the problem the same way
@@ -105,6 +107,11 @@ class OrtCpu(Runtime):
             raise ExportError(f"ONNX artifact {path} has {len(inputs)} inputs, expected one image input", "")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self._shape = [d if isinstance(d, int) else None for d in inputs[0].shape]
+        if declared == "int8" and self.optimize and self.providers[0] == "CPUExecutionProvider":
+            if all(isinstance(d, int) for d in self._shape[1:]):
+                report = int8_macs(path, [1, *self._shape[1:]], threads=self.threads)
+                self.details["int8_mac_fraction"] = report["fraction"]
+                self.details["int8_macs"] = {k: report[k] for k in ("int8_macs", "total_macs", "ops", "float_layers")}
 
     def input_shape(self) -> list[int | None] | None:
         return self._shape
@@ -112,6 +119,20 @@ class OrtCpu(Runtime):
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         # session.run is synchronous and returns host arrays, also with the CUDA provider.
         return self.session.run([self.output_name], {self.input_name: inputs})[0]
+
+
+@register_runtime("ort-cpu-emulated", kinds=(".onnx",), opt_in=True)
+class OrtCpuEmulated(OrtCpu):
+    """ONNX Runtime on the CPU with every graph optimisation off: a QDQ graph runs exactly as written (float
+    operations between QuantizeLinear/DequantizeLinear), which is what a fake-quant model emulates."""
+
+    optimize: ClassVar[bool] = False
+
+    def load(self, path: str | os.PathLike) -> None:
+        super().load(path)
+        if self.precision.startswith(("int8", "mixed")):
+            self.precision = "fp32"  # Q/DQ emulated in float: no integer kernel runs
+            self.details["emulates"] = "int8 (Q/DQ in float)"
 
 
 @register_runtime("ort-cuda", kinds=(".onnx",))

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from slimforge.train.errors import SlimforgeError
 
 if TYPE_CHECKING:
@@ -50,9 +52,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
-    from slimforge.compress.api import apply_recipe_
     from slimforge.train.config import dump_yaml, to_dict
     from slimforge.train.data import build_loader, describe, load_splits
+    from slimforge.train.engine.compression import RecipeRun, calibration_batches
     from slimforge.train.engine.evaluate import evaluate
     from slimforge.train.engine.metrics import ComputeDtypeProbe, MetricsLog, ThroughputMeter
     from slimforge.train.engine.replicas import check_replicas_in_sync
@@ -82,10 +84,11 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     teacher = teacher_spec = None
     if distill:
         teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *shape)
-    apply_recipe_(student, cfg.compress)  # compression acts on the bare model, before any wrapper
-    spec.recipe = list(cfg.compress)
+    recipe = RecipeRun(cfg.compress, loaded=spec.recipe)  # a loaded student's steps stay first
+    recipe.check_model(student)
 
     accelerator = build_accelerator(cfg.train)
+    recipe.check_topology(accelerator)
     if distill and cfg.train.teacher_placement == "sharded" and accelerator.num_processes < 2:
         raise SlimforgeError(
             "train.teacher_placement=sharded splits the teacher across processes, and this run has one",
@@ -98,6 +101,10 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             f"{cfg.data.batch_size} × {accelerator.num_processes} processes",
             "lower data.batch_size or use more data",
         )
+    if recipe:  # compression acts on the bare model, before any wrapper
+        example = torch.zeros(1, *info["input_size"])
+        batches = calibration_batches(splits.train, cfg.data)
+        student = recipe.prepare(student, example, batches, accelerator.device, teacher)
     topology = describe_topology(accelerator, cfg)
     lr = scaled_lr(cfg.optim, topology["global_batch"])
     optimizer = build_optimizer(student, cfg.optim, lr)
@@ -124,6 +131,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         position = {k: resumed[k] for k in position}
         scheduler.last_epoch = position["step"]  # the LR is a pure function of the update count
         scheduler.step(position["step"])
+        recipe.on_step(accelerator.unwrap_model(student), position["step"])  # switches follow the restored step
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if resumed is None:
@@ -172,6 +180,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             step += 1
             position.update(step=step, epoch=epoch, batch=batch_idx + 1)
             meter.update_done(step)
+            recipe.on_step(accelerator.unwrap_model(student), step)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 # .item() is a sync point; only paid every log_every steps.
                 record = {k: v.item() for k, v in losses.items() if k != "logits"}
@@ -220,6 +229,8 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         ranks.mkdir(parents=True, exist_ok=True)
         record = {"rank": accelerator.process_index, "indices_per_epoch": seen, "state_sha256": digest}
         (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+    recipe.convert(accelerator.unwrap_model(student))  # in place, on every rank, before the state is gathered
+    spec.recipe = recipe.recipe()
     save_final(
         accelerator, student, spec, out, summary, extra={"data": dataclasses.asdict(cfg.data), "config": to_dict(cfg)}
     )

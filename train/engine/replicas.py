@@ -11,13 +11,21 @@ from slimforge.train.errors import SlimforgeError
 
 
 def state_digest(model: nn.Module) -> str:
-    """SHA-256 over every parameter (names and bytes): equal digests mean identical trained weights.
+    """SHA-256 over every parameter and every activation quantizer's state (names and bytes): equal digests mean
+    identical trained weights and identical quantisation scales.
 
-    Buffers are left out on purpose: BatchNorm running statistics are per-rank under DeepSpeed (DDP broadcasts
-    rank 0's before each forward), and they are not what gradient synchronisation keeps equal.
+    Other buffers are left out on purpose: BatchNorm running statistics are per-rank under DeepSpeed (DDP
+    broadcasts rank 0's before each forward), and they are not what gradient synchronisation keeps equal. The
+    quantizers' ranges are: their observers reduce each batch's range across ranks.
     """
+    from slimforge.compress.quantize.fakequant import ActivationQuantizer
+
+    tensors = dict(model.named_parameters())
+    for prefix, m in model.named_modules():
+        if isinstance(m, ActivationQuantizer):
+            tensors.update({f"{prefix}.{k}": v for k, v in m.named_buffers()})
     h = hashlib.sha256()
-    for name, t in sorted(model.named_parameters()):
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

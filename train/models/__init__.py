@@ -76,7 +76,9 @@ class ModelSpec:
     interpolation: str = "bilinear"
     class_names: list[str] = field(default_factory=list)
     recipe: list[dict[str, Any]] = field(default_factory=list)
-    """Compression steps applied to the bare model, in order (rebuilt before the weights load)."""
+    """Compression steps applied to the bare model, in order, each ``{"method", "config", "record"}``: the record
+    holds what the step decided from data (layers, ranks, channel counts), so the structure is rebuilt without
+    data before the weights load."""
 
     @property
     def in_chans(self) -> int:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from slimforge.export.artifacts import ExportConfig, export_checkpoint
+from slimforge.export.artifacts import ExportConfig, Int8Config, export_checkpoint
 from slimforge.export.verify import ParityConfig
 from slimforge.train.checkpoint import save_checkpoint
 from slimforge.train.data import DataConfig, describe
@@ -63,12 +63,9 @@ def exported_student(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespac
     teacher = _make_checkpoint(root / "teacher", "resnet10t", seed=0)
     student = _make_checkpoint(root / "student", "mobilenetv3_small_050", seed=1)
     out = root / "export"
-    cfg = ExportConfig(
-        formats=["onnx", "torchscript", "onnx-int8"],
-        max_images=33,
-        calibration_images=32,
-        int8_parity=ParityConfig(rtol=None, min_agreement=0.5),
-    )
+    loose = ParityConfig(rtol=None, min_agreement=0.5)
+    int8 = Int8Config(calibration_images=32, emulated=loose, deployed=loose)
+    cfg = ExportConfig(formats=["onnx", "torchscript", "onnx-int8"], max_images=33, int8=int8)
     report = export_checkpoint(student, out, cfg)
     assert report["passed"], report["artifacts"]
     return SimpleNamespace(teacher=teacher, student=student, out=out, report=report)

@@ -123,7 +123,7 @@ def test_plan_covers_every_runtime_and_skips_with_reasons(report, setup):
         cuda_rows = [r for r in rows if r["runtime"] in ("torch-eager-cuda", "ort-cuda", "ort-tensorrt")]
         assert cuda_rows
         assert all(r["status"] == "skipped" and r["reason"] == "no CUDA GPU is visible" for r in cuda_rows)
-    assert set(report["not_selected"]) == {"torch-compile", "openvino-fp32"}
+    assert set(report["not_selected"]) == {"torch-compile", "openvino-fp32", "ort-cpu-emulated"}
 
 
 def test_errors_are_isolated_per_row(report, setup):

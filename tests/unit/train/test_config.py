@@ -86,5 +86,5 @@ def test_yaml_tags_are_refused(tmp_path):
 
 
 def test_unknown_compression_method_is_a_config_error():
-    with pytest.raises(ConfigError, match="compress.step 0: unknown compression method 'magic'"):
+    with pytest.raises(ConfigError, match=r"compress\[0\].method: unknown compression method 'magic'"):
         from_dict(RunConfig, {"model": {"name": "r"}, "compress": [{"method": "magic"}]})

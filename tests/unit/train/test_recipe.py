@@ -1,0 +1,75 @@
+"""The compress section: typed steps validated like every config section, and recorded steps rebuilt from a
+checkpoint in a fresh process with the outputs of the model that was saved."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slimforge.train.config import load_config
+from slimforge.train.errors import ConfigError
+from slimforge.train.recipe import build_methods, step_problems
+from slimforge.train.schema import RunConfig
+from tests.conftest import ROOT, compress_checkpoint
+
+
+@pytest.mark.parametrize(
+    "step, needle",
+    [
+        ({"method": "qat", "freeze_observer_step": 5},
+         "[0].freeze_observer_step: unknown key; did you mean 'freeze_observers_step'?"),
+        ({"method": "qat", "activations": "int8"}, "[0].activations: int8 cannot be taken by backend ort-cpu"),
+        ({"method": "qat", "backend": "tensorrt", "activations": "uint8"},
+         "TensorRT quantises activations symmetrically"),
+        ({"method": "qat", "calibration_batches": 0}, "[0].calibration_batches: 0 must be >= 1"),
+        ({"method": "ptq", "calibrator": "kl"}, "[0].calibrator: 'kl' is not one of"),
+        ({"method": "lowrank", "energy": 0.9, "rank_ratio": 0.5}, "set exactly one of them"),
+        ({"method": "prune"},
+         "[0].method: unknown compression method 'prune' (available: lowrank, ptq, qat)"),
+    ],
+    ids=["unknown-option", "activation-type", "tensorrt-activations", "no-calibration", "calibrator", "lowrank",
+         "method"],
+)  # fmt: skip
+def test_bad_steps_are_named_with_the_fix(step, needle):
+    problems = step_problems([step])
+    assert any(needle in p for p in problems), problems
+    with pytest.raises(ConfigError) as e:
+        build_methods([step])
+    assert any(p.startswith("compress[0]") for p in e.value.problems)
+
+
+def test_run_config_names_every_bad_step_before_any_work():
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            RunConfig,
+            ROOT / "configs/debug/tiny_train.yaml",
+            ["compress=[{method: qat, freeze_bn_step: -1}, {method: lowrank, energy: 2}]"],
+        )
+    assert {p.split(":")[0] for p in e.value.problems} == {"compress[0].freeze_bn_step", "compress[1].energy"}
+
+
+def test_a_two_stage_student_reloads_in_a_fresh_process_with_the_saved_outputs(trained_resnet, tmp_path):
+    torch.manual_seed(0)
+    images = torch.randn(32, 1, 32, 32)
+    steps = [{"method": "lowrank", "energy": 0.9}, {"method": "qat", "calibration_batches": 2}]
+    _, model = compress_checkpoint(trained_resnet, tmp_path / "ckpt", steps, updates=2, images=images)
+    with torch.no_grad():
+        saved = model(images)
+    torch.save(images, tmp_path / "images.pt")
+    code = (
+        "import sys, json, torch\n"
+        "from slimforge.train.checkpoint import load_checkpoint\n"
+        f"model, spec, _ = load_checkpoint({str(tmp_path / 'ckpt')!r})\n"
+        f"images = torch.load({str(tmp_path / 'images.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps({'logits': model(images).tolist(), 'recipe': [s['method'] for s in spec.recipe]}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fresh = json.loads(out.stdout.strip().splitlines()[-1])
+    assert fresh["recipe"] == ["lowrank", "qat"]
+    assert torch.equal(torch.tensor(fresh["logits"]), saved)
