@@ -62,9 +62,10 @@ class CompressionContext:
     """What a method may use while it prepares a model.
 
     Example:
-        >>> ctx = CompressionContext(example_input=torch.zeros(1, 3, 32, 32))
-        >>> ctx.device.type
-        'cpu'
+        >>> images = torch.randn(64, 3, 32, 32)
+        >>> ctx = CompressionContext(example_input=images[:1], batches=lambda n: iter(images[:n].split(16)))
+        >>> sum(len(b) for b in ctx.batches(40))
+        40
     """
 
     example_input: torch.Tensor
@@ -72,8 +73,8 @@ class CompressionContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where the model will train."""
     batches: Callable[[int], Iterator[torch.Tensor]] | None = None
-    """``n`` → an iterator over up to ``n`` batches of real training images ``[B, C, H, W]``, preprocessed with
-    the evaluation transform (deterministic: the same images on every rank). None where no data is available."""
+    """``n`` → an iterator over batches ``[B, C, H, W]`` of the first ``n`` real training images (fewer if the split
+    is smaller), preprocessed with the evaluation transform: the same images on every rank. None without data."""
     teacher: nn.Module | None = None
     """The frozen teacher, when the run distils."""
 

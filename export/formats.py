@@ -150,17 +150,16 @@ def _onnx_int8(model: nn.Module, inputs: ExportInputs, path: Path, cfg: ExportCo
 
     q = cfg.int8
     images = inputs.calibration(q.calibration_images)  # [n, C, H, W]
-    batches = list(images.split(32))
     ptq = PostTrainingQuantization(
         PTQConfig(
             backend=q.backend,
             activations=q.activations,
-            calibration_batches=len(batches),
+            calibration_images=len(images),
             calibrator=q.calibrator,
             percentile=q.percentile,
         )
     )
-    ctx = CompressionContext(example_input=inputs.example[:1], batches=lambda n: iter(batches[:n]))
+    ctx = CompressionContext(example_input=inputs.example[:1], batches=lambda n: iter(images[:n].split(32)))
     quantized = ptq.prepare(copy.deepcopy(model), ctx).eval()
     _export_qdq(quantized, inputs, path, cfg)
     return quantized

@@ -143,7 +143,7 @@ def compress_checkpoint(source, path, steps: list[dict], updates: int = 6, image
         images = ValidationSet(data_config_from_meta(meta), 64, split="train").images_for(spec)
     batches = list(images.split(16))
     methods = build_methods(steps)
-    ctx = CompressionContext(example_input=images[:1], batches=lambda n: iter(batches[:n]))
+    ctx = CompressionContext(example_input=images[:1], batches=lambda n: iter(images[:n].split(16)))
     for m in methods:
         model = m.prepare(model, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)

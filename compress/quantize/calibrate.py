@@ -116,7 +116,7 @@ def calibrate_(
     if images == 0:
         raise RecipeError(
             "0 calibration images: activation ranges must come from real images",
-            "give the run a training split with images (or raise calibration_batches / --calibration-images)",
+            "give the run a training split with images (calibration_images / --calibration-images must be >= 1)",
         )
     qs = quantizers(model)
     collectors = {q: _Collector() for q in qs}

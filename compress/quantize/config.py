@@ -30,8 +30,9 @@ class QuantConfig(MethodConfig):
     skip: list[str] = field(default_factory=list)
     """Layer names (fnmatch patterns, e.g. ``head.*``) kept in floating point; a layer the backend cannot run in
     int8 must be listed here."""
-    calibration_batches: int = 8
-    """Batches of real training images whose activation ranges initialise (QAT) or set (PTQ) the scales."""
+    calibration_images: int = 256
+    """Real training images whose activation ranges initialise (QAT) or set (PTQ) the scales. The ranges are taken
+    over all of them together, so they do not depend on the micro-batch size or the number of processes."""
 
     def activation_type(self) -> str:
         """The activation type in effect: the configured one or the backend's."""
@@ -50,8 +51,8 @@ class QuantConfig(MethodConfig):
                 f"activations: {self.activations} cannot be taken by backend {self.backend}: {why}; use "
                 f"activations: {allowed[0]} (or leave it null), or another backend"
             )
-        if self.calibration_batches < 1:
-            p.append(f"calibration_batches: {self.calibration_batches} must be >= 1 (scales come from real images)")
+        if self.calibration_images < 1:
+            p.append(f"calibration_images: {self.calibration_images} must be >= 1 (scales come from real images)")
         return p
 
 

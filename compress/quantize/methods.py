@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import copy
-from itertools import islice
 
 from torch import nn
 
@@ -32,7 +31,7 @@ def _calibration_batches(ctx: CompressionContext, n: int) -> list:
             "0 calibration images: this run gives the quantizer no training images to set its ranges from",
             "run the step where training data is available (train/train.py, train/distill.py or an export)",
         )
-    return list(islice(ctx.batches(n), n))
+    return list(ctx.batches(n))
 
 
 class _Quantize(Method):
@@ -90,7 +89,7 @@ class QuantizationAwareTraining(_Quantize):
 
     def prepare(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         model = self._graph(model)
-        images = calibrate_(model, _calibration_batches(ctx, self.config.calibration_batches), "minmax")
+        images = calibrate_(model, _calibration_batches(ctx, self.config.calibration_images), "minmax")
         self.record.update(calibration_images=images, stage="prepared")
         self.on_step(model, 0)
         return model
@@ -111,7 +110,7 @@ class PostTrainingQuantization(_Quantize):
     def prepare(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         model = self._graph(model)
-        batches = _calibration_batches(ctx, cfg.calibration_batches)
+        batches = _calibration_batches(ctx, cfg.calibration_images)
         images = calibrate_(model, batches, cfg.calibrator, cfg.percentile)
         self.record.update(calibration_images=images, calibrator=cfg.calibrator)
         self.convert(model)

@@ -32,11 +32,34 @@ def check_rejected(capsys, entry, argv, out_dir, *needles):
         (["data.source=imagefolder", "data.path={tmp}/no_such_folder"], ["does not exist", "data.path"]),
         (["model.name=resnet10x"], ["timm has no model named 'resnet10x'", "close names", "resnet10t"]),
         (["model.name=vit_tiny_patch16_224"], ["cannot take input [1, 32, 32]", "img_size"]),
+        (
+            ["compress=[{method: qat, freeze_observer_step: 3}]"],
+            ["compress[0].freeze_observer_step: unknown key; did you mean 'freeze_observers_step'?"],
+        ),
+        (
+            ["compress=[{method: qat, activations: int8}]"],
+            ["compress[0].activations: int8 cannot be taken by backend ort-cpu", "use activations: uint8"],
+        ),
+        (["compress=[{method: qat, calibration_images: 0}]"], ["compress[0].calibration_images: 0 must be >= 1"]),
+        (
+            ["model.source=factory", "model.name=tests.factories:tiny_upsampler", "compress=[{method: qat}]"],
+            ["compress step 'qat'", "the int8 backend cannot run", "2 (ConvTranspose2d)", "`skip` option"],
+        ),
     ],
-    ids=["unknown_key", "wrong_type", "missing_dataset_path", "unknown_timm_model", "impossible_image_size"],
+    ids=[
+        "unknown_key",
+        "wrong_type",
+        "missing_dataset_path",
+        "unknown_timm_model",
+        "impossible_image_size",
+        "qat_unknown_option",
+        "qat_activation_type",
+        "qat_no_calibration_images",
+        "qat_layer_without_int8_kernel",
+    ],
 )
 def test_bad_training_input(tmp_path, capsys, overrides, needles):
-    argv = ["--config", TINY_TRAIN, *(o.format(tmp=tmp_path) for o in overrides)]
+    argv = ["--config", TINY_TRAIN, *(o.replace("{tmp}", str(tmp_path)) for o in overrides)]
     check_rejected(capsys, train, argv, tmp_path / "o", *needles)
 
 

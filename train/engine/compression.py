@@ -91,7 +91,8 @@ class RecipeRun:
 
 
 def calibration_batches(dataset, data_cfg) -> Any:
-    """``n -> iterator`` over the first ``n`` batches of ``dataset`` with the evaluation transform, unshuffled."""
+    """``n -> iterator`` over batches of the first ``n`` images of ``dataset`` (evaluation transform, unshuffled):
+    the same images on every rank, whatever the micro-batch size."""
     import dataclasses
 
     from slimforge.train.data import build_loader
@@ -100,9 +101,12 @@ def calibration_batches(dataset, data_cfg) -> Any:
     cfg = dataclasses.replace(data_cfg, eval_batch_size=data_cfg.batch_size, num_workers=0)
 
     def batches(n: int) -> Iterator[torch.Tensor]:
-        for i, batch in enumerate(build_loader(dataset, cfg, is_training=False)):
-            if i >= n:
+        left = n
+        for batch in build_loader(dataset.select(range(min(n, len(dataset)))), cfg, is_training=False):
+            images = batch["pixel_values"][:left]
+            left -= len(images)
+            yield images
+            if left <= 0:
                 return
-            yield batch["pixel_values"]
 
     return batches

@@ -34,7 +34,7 @@ def ptq_export(trained_resnet, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qat_checkpoint(trained_resnet, tmp_path_factory):
-    steps = [{"method": "qat", "calibration_batches": 4, "freeze_observers_step": 3, "freeze_bn_step": 4}]
+    steps = [{"method": "qat", "calibration_images": 64, "freeze_observers_step": 3, "freeze_bn_step": 4}]
     return compress_checkpoint(trained_resnet, tmp_path_factory.mktemp("qat") / "ckpt", steps)[0]
 
 

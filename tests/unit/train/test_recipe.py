@@ -25,7 +25,7 @@ from tests.conftest import ROOT, compress_checkpoint
         ({"method": "qat", "activations": "int8"}, "[0].activations: int8 cannot be taken by backend ort-cpu"),
         ({"method": "qat", "backend": "tensorrt", "activations": "uint8"},
          "TensorRT quantises activations symmetrically"),
-        ({"method": "qat", "calibration_batches": 0}, "[0].calibration_batches: 0 must be >= 1"),
+        ({"method": "qat", "calibration_images": 0}, "[0].calibration_images: 0 must be >= 1"),
         ({"method": "ptq", "calibrator": "kl"}, "[0].calibrator: 'kl' is not one of"),
         ({"method": "lowrank", "energy": 0.9, "rank_ratio": 0.5}, "set exactly one of them"),
         ({"method": "prune"},
@@ -55,7 +55,7 @@ def test_run_config_names_every_bad_step_before_any_work():
 def test_a_two_stage_student_reloads_in_a_fresh_process_with_the_saved_outputs(trained_resnet, tmp_path):
     torch.manual_seed(0)
     images = torch.randn(32, 1, 32, 32)
-    steps = [{"method": "lowrank", "energy": 0.9}, {"method": "qat", "calibration_batches": 2}]
+    steps = [{"method": "lowrank", "energy": 0.9}, {"method": "qat", "calibration_images": 32}]
     _, model = compress_checkpoint(trained_resnet, tmp_path / "ckpt", steps, updates=2, images=images)
     with torch.no_grad():
         saved = model(images)
