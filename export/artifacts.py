@@ -74,9 +74,10 @@ class Int8Config:
     min_int8_mac_fraction: float = 0.95
     """An int8 artifact fails when a smaller share of its convolution / matmul MACs runs in integer kernels in
     ONNX Runtime's optimised graph (MAC-weighted)."""
-    emulated: ParityConfig = field(default_factory=lambda: ParityConfig(rtol=1e-2, min_agreement=0.99))
+    emulated: ParityConfig = field(default_factory=lambda: ParityConfig(rtol=1e-3, min_agreement=0.99, quantile=0.5))
     """ORT with graph optimisations off (the Q/DQ graph as written) vs the fake-quant PyTorch model: the same
-    arithmetic, apart from float rounding order and the odd rounding tie one quantisation step away."""
+    arithmetic, so the median image's logits must agree to 1e-3 of their scale (most agree exactly); an image may
+    differ more where one activation sits on a rounding tie the two libraries break differently."""
     deployed: ParityConfig = field(default_factory=lambda: ParityConfig(rtol=None, min_agreement=0.99))
     """ORT's optimised session (integer kernels) vs the fake-quant model: top-1 agreement."""
     versus_float: ParityConfig = field(default_factory=lambda: ParityConfig(rtol=None, min_agreement=0.9))
@@ -307,6 +308,8 @@ def failure_message(report: dict[str, Any]) -> str:
                 if p["passed"]:
                     continue
                 limit = "not checked" if p["rtol"] is None else f"limit {p['rtol']:g}"
+                if p["rtol"] is not None and p.get("quantile", 1.0) < 1.0:
+                    limit = f"{p['quantile']:.0%} quantile {p['rel_diff_at_quantile']:.3g}, {limit}"
                 lines.append(
                     f"{a['format']} artifact FAILED its {name} check (kept as {a['file']}): relative logit diff "
                     f"{p['rel_diff']:.3g} (max abs {p['max_abs_diff']:.3g} / logit scale {p['logit_scale']:.3g}, "

@@ -59,3 +59,9 @@ def test_readme_config_reference_lists_every_key():
         fields = {f.name for f in dataclasses.fields(cls)}
         assert section in rows, f"README config reference has no row for {section}"
         assert rows[section] == fields, f"{section}: README lists {sorted(rows[section] ^ fields)} wrongly"
+    from slimforge.compress.api import method_class, method_names
+
+    for name in method_names():  # every registered compression method has its row, with exactly its options
+        fields = {f.name for f in dataclasses.fields(method_class(name).config_class)}
+        assert name in rows, f"README has no row for compression method {name}"
+        assert rows[name] == fields, f"{name}: README lists {sorted(rows[name] ^ fields)} wrongly"

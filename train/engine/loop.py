@@ -215,6 +215,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         "topology": topology,
         "global_batch": topology["global_batch"],
         "peak_lr": lr,
+        "compress": [step["method"] for step in recipe.recipe()],
         "train_compute_dtype": compute_dtype.dtype,
         **meter.summary(),
         # Collectives: every rank reports what it holds.

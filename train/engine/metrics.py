@@ -28,24 +28,45 @@ class MetricsLog:
 
 
 class ComputeDtypeProbe:
-    """The dtype the student's first convolution or linear layer really produced in the first training step.
+    """The dtype the student's first convolution or matmul really computed in, in its first training forward.
 
     The model's *outputs* do not tell: Accelerate converts a mixed-precision model's outputs back to fp32. A
-    forward hook on the first weighted layer sees what autocast computed in; it removes itself after one call.
+    dispatch mode entered around the bare student's first forward sees every operation after autocast has cast its
+    inputs, whichever modules the student is built from (plain layers or fake-quantised ones); it removes itself
+    after that forward.
 
     Args:
         model: The bare (unwrapped) student.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.dtype: str | None = None
-        layer = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-        self._handle = layer.register_forward_hook(self._hook) if layer is not None else None
+    _OPS = ("aten.convolution.default", "aten.mm.default", "aten.addmm.default", "aten.bmm.default")
 
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            self.dtype = str(output.dtype)
-        self._handle.remove()
+    def __init__(self, model: nn.Module) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        probe = self
+
+        class _FirstMatmul(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if probe.dtype is None and str(func) in ComputeDtypeProbe._OPS and isinstance(out, torch.Tensor):
+                    probe.dtype = str(out.dtype)
+                return out
+
+        self.dtype: str | None = None
+        self._mode = _FirstMatmul()
+        self._handles = [
+            model.register_forward_pre_hook(lambda m, args: self._enter()),
+            model.register_forward_hook(lambda m, args, out: self._exit()),
+        ]
+
+    def _enter(self) -> None:  # a pre-hook that returned something would replace the forward's inputs
+        self._mode.__enter__()
+
+    def _exit(self) -> None:
+        self._mode.__exit__(None, None, None)
+        for h in self._handles:
+            h.remove()
 
 
 class ThroughputMeter:
