@@ -7,7 +7,10 @@ calibration batches in eval mode; a hook collects what reaches each one. Then:
 * ``percentile`` — the tails beyond the given percentage are clipped (from a 2048-bin histogram);
 * ``entropy`` — the clipping threshold minimises the KL divergence between the float histogram and its quantised
   version (the method TensorRT's calibrator uses, Migacz 2017): outliers are given up when that keeps the bulk of
-  the distribution finer.
+  the distribution finer. For uint8 (asymmetric) activations the two ends are trimmed independently, greedily
+  from the lighter tail; for int8 (symmetric) ones, one threshold on ``|x|``. Exact zeros (after a ReLU) are left
+  out of the histogram searched: zero is represented exactly at any scale, and that spike would otherwise push
+  every threshold down.
 
 Calibration runs the same batches on every rank, so it needs no communication.
 """
@@ -30,6 +33,7 @@ class _Collector:
     def __init__(self) -> None:
         self.low, self.high = float("inf"), float("-inf")
         self.hist: torch.Tensor | None = None
+        self.zeros = 0
 
     def minmax(self, x: torch.Tensor) -> None:
         self.low = min(self.low, float(x.min()))
@@ -38,6 +42,7 @@ class _Collector:
     def histogram(self, x: torch.Tensor) -> None:
         h = torch.histc(x.float().flatten(), bins=BINS, min=self.low, max=self.high)
         self.hist = h if self.hist is None else self.hist + h
+        self.zeros += int((x == 0).sum())
 
 
 def _percentile_range(c: _Collector, percentile: float) -> tuple[float, float]:
@@ -52,44 +57,63 @@ def _percentile_range(c: _Collector, percentile: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _kl_threshold(hist, levels: int) -> int:
-    """The number of leading bins of ``hist`` (a numpy array) to keep so the ``levels``-level quantised histogram is
-    closest to it in KL divergence."""
+def _kl(hist, start: int, end: int, levels: int) -> float:
+    """KL divergence between ``hist`` clipped to bins ``[start, end)`` (the tails folded into the edge bins) and
+    that window quantised to ``levels`` levels (each level's mass spread over its non-empty bins)."""
     import numpy as np
 
-    best, best_bins = np.inf, len(hist)
-    total = hist.sum()
-    for bins in range(levels, len(hist) + 1, 16):
-        p = hist[:bins].astype(np.float64).copy()
-        p[-1] += hist[bins:].sum()  # the clipped tail lands in the last kept bin
-        edges = np.linspace(0, bins, levels + 1).astype(int)
-        starts = edges[:-1]
-        sums = np.add.reduceat(hist[:bins].astype(np.float64), starts)
-        nonzero = np.add.reduceat((hist[:bins] > 0).astype(np.float64), starts)
-        per_bin = np.where(nonzero > 0, sums / np.maximum(nonzero, 1), 0.0)
-        q = np.repeat(per_bin, np.diff(edges)) * (hist[:bins] > 0)
-        p, q = p / total, q / max(q.sum(), 1e-12)
-        mask = p > 0
-        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+    window = hist[start:end].astype(np.float64)
+    p = window.copy()
+    p[0] += hist[:start].sum()
+    p[-1] += hist[end:].sum()
+    edges = np.linspace(0, len(window), levels + 1).astype(int)
+    edges = np.unique(edges)
+    sums = np.add.reduceat(window, edges[:-1])
+    nonzero = np.add.reduceat((window > 0).astype(np.float64), edges[:-1])
+    per_bin = np.where(nonzero > 0, sums / np.maximum(nonzero, 1), 0.0)
+    q = np.repeat(per_bin, np.diff(edges)) * (window > 0)
+    p, q = p / max(p.sum(), 1e-12), q / max(q.sum(), 1e-12)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+
+
+def _entropy_window(hist, levels: int, symmetric: bool, step: int = 16) -> tuple[int, int]:
+    """The bin window ``[start, end)`` of ``hist`` with the smallest :func:`_kl` on a greedy path that narrows the
+    window ``step`` bins at a time from the side with the lighter tail (both sides at once when ``symmetric``)."""
+    start, end = 0, len(hist)
+    best, best_window = _kl(hist, start, end, levels), (start, end)
+    while end - start - (2 if symmetric else 1) * step >= levels:
+        if symmetric:
+            start, end = start + step, end - step
+        elif hist[start : start + step].sum() <= hist[end - step : end].sum():
+            start += step
+        else:
+            end -= step
+        kl = _kl(hist, start, end, levels)
         if kl < best:
-            best, best_bins = kl, bins
-    return best_bins
+            best, best_window = kl, (start, end)
+    return best_window
 
 
 def _entropy_range(c: _Collector, q: ActivationQuantizer) -> tuple[float, float]:
     import numpy as np
 
-    if c.low >= 0:  # one-sided (after a ReLU): the histogram already is |x|
-        hist, top, levels = c.hist.numpy(), c.high, q.qmax - q.qmin + 1
-        kept = _kl_threshold(hist, levels)
-        return c.low, c.low + (top - c.low) * kept / BINS
-    # Two-sided: fold the histogram onto |x| and search a symmetric threshold.
+    hist = c.hist.numpy().copy()
     edges = np.linspace(c.low, c.high, BINS + 1)
-    centers = (edges[:-1] + edges[1:]) / 2
-    top = max(-c.low, c.high)
-    folded, _ = np.histogram(np.abs(centers), bins=BINS, range=(0, top), weights=c.hist.numpy())
-    threshold = top * _kl_threshold(folded, (q.qmax - q.qmin + 1) // 2) / BINS
-    return max(c.low, -threshold), min(c.high, threshold)
+    # A ReLU's (or hard-swish's) exact zeros are represented exactly at any scale (the zero point holds 0): they
+    # carry no quantisation error, and left in their bin they would dominate the divergence of every candidate.
+    if c.low <= 0 <= c.high:
+        zero_bin = min(int(np.searchsorted(edges, 0.0, side="right")) - 1, BINS - 1)
+        hist[zero_bin] = max(hist[zero_bin] - c.zeros, 0.0)
+    if q.activations == "int8":  # symmetric: search on |x|, one threshold for both sides
+        top = max(-c.low, c.high)
+        centers = (edges[:-1] + edges[1:]) / 2
+        folded, _ = np.histogram(np.abs(centers), bins=BINS, range=(0, top), weights=hist)
+        _, end = _entropy_window(np.concatenate([folded[::-1], folded]), q.qmax - q.qmin + 1, symmetric=True)
+        threshold = top * (end - BINS) / BINS
+        return max(c.low, -threshold), min(c.high, threshold)
+    start, end = _entropy_window(hist, q.qmax - q.qmin + 1, symmetric=False)  # asymmetric: each end on its own
+    return float(edges[start]), float(edges[end])
 
 
 @torch.no_grad()

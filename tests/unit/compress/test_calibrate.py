@@ -68,3 +68,15 @@ def test_calibration_sees_float_activations_and_leaves_quantisation_on():
     probe = _Probe()
     calibrate_(probe, [torch.tensor([[0.0, 0.1234567, 1.0]])], "minmax")
     assert probe.q.enabled and not torch.equal(probe(torch.tensor([0.1234567])), torch.tensor([0.1234567]))
+
+
+def test_entropy_trims_each_end_of_an_asymmetric_range_on_its_own():
+    """uint8 activations after a hard-swish: the short negative side (down to -0.375) is kept whole, the long
+    positive tail with an outlier is cut, and the spike of exact zeros does not drag the threshold down."""
+    g = torch.Generator().manual_seed(0)
+    batches = [nn.functional.hardswish(torch.randn(64, 256, generator=g) * 2) for _ in range(4)]
+    batches[1][0, 0] = 40.0
+    probe = _Probe("uint8")
+    calibrate_(probe, batches, "entropy")
+    assert float(probe.q.min_val) == pytest.approx(-0.375, abs=1e-3)
+    assert 5.0 < float(probe.q.max_val) < 12.0
