@@ -56,7 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="per-image quantile of the emulated difference held to --emulated-rtol (%(default)s: the median image)",
     )
     int8.add_argument(
-        "--int8-min-agreement", type=float, default=q.deployed.min_agreement, help="optimised ORT vs fake-quant top-1"
+        "--int8-min-agreement",
+        type=float,
+        default=q.deployed.min_agreement,
+        help="top-1 agreement of the int8 file with the fake-quant model, emulated and deployed (%(default)s)",
     )
     int8.add_argument(
         "--float-min-agreement",
@@ -92,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         activations=args.int8_activations,
         min_int8_mac_fraction=args.min_int8_mac_fraction,
         emulated=dataclasses.replace(
-            q.emulated, rtol=args.emulated_rtol, quantile=args.emulated_quantile, batch_size=args.batch_size
+            q.emulated,
+            rtol=args.emulated_rtol,
+            quantile=args.emulated_quantile,
+            min_agreement=args.int8_min_agreement,
+            batch_size=args.batch_size,
         ),
         deployed=dataclasses.replace(q.deployed, min_agreement=args.int8_min_agreement, batch_size=args.batch_size),
         versus_float=dataclasses.replace(

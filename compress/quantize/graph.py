@@ -8,7 +8,9 @@ The model is traced with ``torch.fx`` (convolutions, linears, norms, activations
    mul, concat, average pooling, sigmoid) and on every such operation's output — after a following ReLU/ReLU6
    when activations are uint8, which the runtime folds into the quantised operation;
 3. data-movement operations (max pooling, flatten, reshape, dropout) reuse their input's quantizer, so the runtime
-   drops the Q/DQ pair around them instead of converting to float and back.
+   drops the Q/DQ pair around them instead of converting to float and back;
+4. SiLU becomes ``x * sigmoid(x)``, both halves quantised, which ONNX Runtime runs as QLinearSigmoid + QLinearMul
+   (left whole it stays a float Sigmoid and Mul between Q/DQ pairs: EfficientNet-B0 ran 1.3× slower that way).
 
 This is the placement ONNX Runtime's QDQ fusion needs: an operation runs as an integer kernel only when each of
 its inputs arrives through a DequantizeLinear and its output leaves through a QuantizeLinear. Quantising only
@@ -230,9 +232,19 @@ def quantize_graph(
     gm = _trace(model)
     _check_layers(gm, skipped)
     layers = _swap_weighted(gm, skipped)
-    for n in list(gm.graph.nodes):  # Identity nodes would separate an operation from its ReLU
-        if n.op == "call_module" and type(gm.get_submodule(n.target)) is nn.Identity:
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module":
+            continue
+        kind = type(gm.get_submodule(n.target))
+        if kind is nn.Identity:  # it would separate an operation from its ReLU
             n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+        elif kind is nn.SiLU:  # x * sigmoid(x): ORT runs both halves as integer kernels once each is quantised
+            with gm.graph.inserting_after(n):
+                gate = gm.graph.call_function(torch.sigmoid, (n.args[0],))
+            with gm.graph.inserting_after(gate):
+                product = gm.graph.call_function(operator.mul, (n.args[0], gate))
+            n.replace_all_uses_with(product)
             gm.graph.erase_node(n)
     plan = _plan(gm, fold_relu=activations == "uint8")
     owned: dict[fx.Node, str] = {}  # node -> name of the quantizer it owns

@@ -110,3 +110,18 @@ def test_an_untraceable_model_is_refused_with_the_reason():
     with pytest.raises(RecipeError) as e:
         quantize_graph(_Branchy(), "uint8", 0.01, skip=[])
     assert "cannot trace _Branchy" in e.value.problem and "control flow" in e.value.fix
+
+
+def test_silu_is_split_so_both_halves_run_in_int8():
+    """EfficientNet's SiLU becomes x * sigmoid(x) with every input of the sigmoid and the product quantised:
+    what ONNX Runtime needs to run QLinearSigmoid + QLinearMul instead of float operations between Q/DQ pairs."""
+    model = timm.create_model("efficientnet_b0", num_classes=10, in_chans=1).eval()
+    n_silu = sum(isinstance(m, nn.SiLU) for m in model.modules())
+    gm, _ = quantize_graph(model, "uint8", 0.01, skip=[])
+    assert not _module_nodes(gm, nn.SiLU)
+    sigmoids = [n for n in gm.graph.nodes if n.target is torch.sigmoid]
+    assert len(sigmoids) >= n_silu
+    for n in sigmoids:
+        assert all(_quantizer(gm, a) for a in n.all_input_nodes)
+        (user,) = n.users
+        assert _quantizer(gm, user)  # the gate leaves quantised, into the multiplication
