@@ -39,17 +39,17 @@ for s in student student_mbv3; do
 done
 
 echo "== accuracy of every file in ONNX Runtime on the 1,000 validation digits ($RUN/quant/benchmark)"
-ARTIFACTS=()
+FILES=()
 for s in student student_mbv3; do
   Q="$RUN/quant/$s"
-  ARTIFACTS+=("$Q/fp32/model.onnx@ort-cpu")
+  FILES+=("$Q/fp32/model.onnx@ort-cpu")
   for c in minmax percentile entropy; do
     f="$Q/ptq_$c/model.int8.onnx"; [ -f "$f" ] || f="$f.failed"
-    [ -f "$f" ] && ARTIFACTS+=("$f@ort-cpu")
+    [ -f "$f" ] && FILES+=("$f@ort-cpu")
   done
-  ARTIFACTS+=("$Q/qat/model.int8.onnx@ort-cpu")
+  FILES+=("$Q/qat/model.int8.onnx@ort-cpu")
 done
-$BIN/python export/benchmark.py --teacher "$RUN/teacher/checkpoint" --student "${ARTIFACTS[@]}" \
+$BIN/python export/benchmark.py --teacher "$RUN/teacher/checkpoint" --student "${FILES[@]}" \
   --out "$RUN/quant/benchmark" --max-images 1000 --runs 50 --batch-sizes 1 8 --no-progress > /dev/null
 $BIN/python - "$RUN" <<'PY'
 import json, sys

@@ -44,6 +44,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _versions(*dists: str) -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -80,6 +92,8 @@ def save_checkpoint(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": spec.to_dict(),
         "weights": {"file": WEIGHTS, "sha256": file_sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size},
+        # The libraries that build the architecture: a recipe's recorded structure is rebuilt by them.
+        "versions": _versions("slimforge", "torch", "torchvision", "timm"),
         "extra": extra or {},
     }
     with open(tmp / META, "w") as f:
