@@ -47,7 +47,7 @@ from slimforge.export.to_onnx import MIN_OPSET
 from slimforge.export.verify import ParityConfig, batch_plan, check_parity, reference_logits
 from slimforge.train.checkpoint import file_sha256, load_checkpoint
 from slimforge.train.config import at_least
-from slimforge.train.errors import ConfigError, SlimforgeError
+from slimforge.train.errors import ConfigError, ExportError, SlimforgeError
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,32 @@ def formats_for(cfg: ExportConfig, quantized: bool, where: str) -> list[str]:
     return list(cfg.formats)
 
 
+def _check_runtime(name: str, backend: str):
+    """The runtime a check runs in: an int8 file for TensorRT is deployed-checked in TensorRT, not ORT's CPU kernels
+    (its emulated check runs Q/DQ as written, which is the same on every backend)."""
+    if backend == "tensorrt" and name == "ort-cpu":
+        from slimforge.export.runtimes import runtime_class
+
+        ok, why = runtime_class("ort-tensorrt").available()
+        if not ok:
+            raise ExportError(
+                f"this int8 file targets TensorRT (backend: tensorrt) and its deployed check runs in TensorRT, which "
+                f"is not available here: {why}",
+                "export it on the machine that deploys it (a GPU with TensorRT), or quantise with backend: ort-cpu",
+            )
+        name = "ort-tensorrt"
+    return get_runtime(name)
+
+
+def _recorded_backend(recipe: list[dict[str, Any]], cfg: ExportConfig) -> str:
+    """The backend a quantised checkpoint was made for (its last quantisation step's record), else the configured."""
+    for step in reversed(recipe):
+        backend = (step.get("record") or {}).get("backend")
+        if backend:
+            return backend
+    return cfg.int8.backend
+
+
 def _publish(tmp: Path, final: Path, passed: bool) -> Path:
     target = final if passed else final.with_name(final.name + FAILED_SUFFIX)
     os.replace(tmp, target)
@@ -181,6 +207,7 @@ def _export_one(
     plan: list[int],
     out: Path,
     cfg: ExportConfig,
+    backend: str = "ort-cpu",
 ) -> dict[str, Any]:
     final = out / fmt.filename
     failed = final.with_name(final.name + FAILED_SUFFIX)
@@ -196,13 +223,13 @@ def _export_one(
         quantized_reference = reference if quantized is None else reference_logits(quantized, images, plan)
         results, deployed = {}, None
         for check in fmt.checks:
-            runtime = get_runtime(check.runtime)(threads=cfg.threads)
+            runtime = _check_runtime(check.runtime, backend)(threads=cfg.threads)
             runtime.load(tmp)
             ref = quantized_reference if check.reference == "quantized" else reference
             results[check.name] = check_parity(
                 runtime, images, ref, plan, _tolerance(cfg, check.tolerance), fmt.filename
             )
-            if deployed is None or check.runtime == "ort-cpu":
+            if deployed is None or check.name == "deployed":
                 deployed = runtime
     except SlimforgeError as e:
         tmp.unlink(missing_ok=True)
@@ -213,7 +240,8 @@ def _export_one(
         tmp.unlink(missing_ok=True)
         raise
     fraction = deployed.details.get("int8_mac_fraction")
-    mac_ok = not fmt.mac_gate or (fraction is not None and fraction >= cfg.int8.min_int8_mac_fraction)
+    mac_gate = fmt.mac_gate and backend == "ort-cpu"  # counted from ONNX Runtime's CPU graph: its kernels only
+    mac_ok = not mac_gate or (fraction is not None and fraction >= cfg.int8.min_int8_mac_fraction)
     passed = all(r.passed for r in results.values()) and mac_ok
     target = _publish(tmp, final, passed)
     entry.update(
@@ -231,7 +259,7 @@ def _export_one(
         entry.update(
             int8_mac_fraction=fraction,
             int8_macs=deployed.details.get("int8_macs"),
-            min_int8_mac_fraction=cfg.int8.min_int8_mac_fraction if fmt.mac_gate else None,
+            min_int8_mac_fraction=cfg.int8.min_int8_mac_fraction if mac_gate else None,
         )
     return entry
 
@@ -278,7 +306,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         calibration=lambda n: ValidationSet(data_cfg, n, split="train").images_for(spec),
         description=description,
     )
-    artifacts = [_export_one(FORMATS[n], model, inputs, images, reference, plan, out, cfg) for n in formats]
+    backend = _recorded_backend(spec.recipe, cfg)
+    artifacts = [_export_one(FORMATS[n], model, inputs, images, reference, plan, out, cfg, backend) for n in formats]
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,

@@ -135,3 +135,16 @@ def test_dynamic_quantization_for_linear_heavy_models(module_checkpoint_factory,
     (entry,) = report["artifacts"]
     assert entry["status"] == "passed" and entry["precision"].startswith(("int8", "mixed(int8"))
     assert 0.5 < entry["int8_mac_fraction"] <= 1.0  # the attention's activation x activation matmuls stay float
+
+
+def test_a_tensorrt_targeted_file_is_checked_in_tensorrt_or_refused_by_name(trained_resnet, tmp_path):
+    from slimforge.export.runtimes import runtime_class
+
+    if runtime_class("ort-tensorrt").available()[0]:
+        pytest.skip("TensorRT is available here: the deployed check runs in it")
+    ckpt, _ = compress_checkpoint(trained_resnet, tmp_path / "ckpt", [{"method": "ptq", "backend": "tensorrt"}], 0)
+    assert load_checkpoint(ckpt)[1].recipe[-1]["record"]["activations"] == "int8"  # symmetric, as TensorRT takes
+    report = export_checkpoint(ckpt, tmp_path / "out", ExportConfig(formats=["onnx-qdq"], max_images=32))
+    (entry,) = report["artifacts"]
+    assert entry["status"] == "error" and "targets TensorRT" in entry["error"] and "backend: ort-cpu" in entry["fix"]
+    assert not list((tmp_path / "out").glob("model.int8.onnx*"))
