@@ -155,6 +155,11 @@ def read_spec(path: str | os.PathLike) -> ModelSpec:
     return ModelSpec.from_dict(read_meta(path)["model"])
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors of ``state`` that hold a nan or an inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def rebuild_model(spec: ModelSpec, where: str = "") -> nn.Module:
     """The bare architecture ``spec`` describes with its compression recipe replayed (no data, random weights).
 
@@ -208,5 +213,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
             f"checkpoint {path}: weights do not fit {spec.source} {spec.name} "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})",
             fix,
+        )
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite values (nan/inf) in {', '.join(bad[:3])}: the training that wrote "
+            "it diverged, and nothing computed from it would mean anything",
+            "retrain (lower optim.lr, set optim.grad_clip) or use an earlier checkpoint",
         )
     return model.eval(), spec, meta

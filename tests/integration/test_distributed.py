@@ -273,3 +273,37 @@ def test_two_node_launch_with_the_multinode_template(tmp_path, tiny_teacher):
     assert [(r["rank"], r["local_rank"]) for r in topology["ranks"]] == [(0, 0), (1, 0)]
     digests = {json.loads((out / "ranks" / f"rank{r}.json").read_text())["state_sha256"] for r in (0, 1)}
     assert len(digests) == 1
+
+
+def train_records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_deepspeed_clips_exactly_as_the_run_config_says(tmp_path, tiny_teacher):
+    """A student whose gradient norm exceeds 1: without optim.grad_clip, ZeRO-2/3 train as DDP does (Accelerate
+    would otherwise have DeepSpeed clip at 1.0); with optim.grad_clip=0.5 all three clip identically."""
+    config = "configs/debug/tiny_equivalence.yaml"
+    common = [
+        f"teacher.checkpoint={tiny_teacher}",
+        "data.batch_size=16",
+        "model.kwargs={width: 64}",
+        "train.log_every=1",
+    ]
+    weights_of = {}
+    for clip in ("null", "0.5"):
+        for launch_config in ("ddp.yaml", "zero2.yaml", "zero3.yaml"):
+            out = tmp_path / f"{launch_config}_{clip}"
+            proc = launch(launch_config, "train/distill.py", config, *common, f"optim.grad_clip={clip}",
+                          f"train.output_dir={out}")  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            topology = json.loads((out / "summary.json").read_text())["topology"]
+            assert topology["grad_clip"] == (None if clip == "null" else 0.5)
+            weights_of[launch_config, clip] = weights(out / "checkpoint")
+        norms = [r["grad_norm"] for r in train_records(tmp_path / f"ddp.yaml_{clip}")]
+        assert max(norms) > 1.0, norms  # the unclipped norm exceeds DeepSpeed's old default of 1.0
+        for launch_config in ("zero2.yaml", "zero3.yaml"):
+            diff = relative_difference(weights_of[launch_config, clip], weights_of["ddp.yaml", clip])
+            assert diff <= 1e-5, f"{launch_config} with optim.grad_clip={clip} differs from DDP by {diff:.2e}"
+    # Control: clipping at 0.5 really changed the training.
+    assert relative_difference(weights_of["ddp.yaml", "0.5"], weights_of["ddp.yaml", "null"]) > 1e-3

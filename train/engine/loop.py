@@ -59,8 +59,13 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from slimforge.train.engine.metrics import ComputeDtypeProbe, MetricsLog, ThroughputMeter
     from slimforge.train.engine.replicas import check_replicas_in_sync
     from slimforge.train.engine.save import save_final
-    from slimforge.train.engine.step import train_step
-    from slimforge.train.engine.topology import build_accelerator, describe_topology, log_topology
+    from slimforge.train.engine.step import DivergenceGuard, train_step
+    from slimforge.train.engine.topology import (
+        build_accelerator,
+        describe_topology,
+        log_topology,
+        set_gradient_clipping,
+    )
     from slimforge.train.memory import param_bytes, state_memory
     from slimforge.train.models.load import load_or_build
     from slimforge.train.optim import build_optimizer, build_scheduler, scaled_lr
@@ -88,6 +93,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     recipe.check_model(student)
 
     accelerator = build_accelerator(cfg.train)
+    set_gradient_clipping(accelerator, cfg.optim.grad_clip)
     recipe.check_topology(accelerator)
     if distill and cfg.train.teacher_placement == "sharded" and accelerator.num_processes < 2:
         raise SlimforgeError(
@@ -151,6 +157,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     digest = ""
     step = position["step"]
     meter = ThroughputMeter()
+    guard = DivergenceGuard(out / "state", check_gradients=cfg.train.mixed_precision != "fp16")
     compute_dtype = ComputeDtypeProbe(accelerator.unwrap_model(student))  # what autocast really computed in
     for epoch in range(position["epoch"], cfg.train.epochs):
         if step >= total_steps:
@@ -170,7 +177,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         for batch_idx, batch in enumerate(bar, start=skip):
             if step >= total_steps:  # max_steps reached mid-epoch
                 break
-            losses = train_step(accelerator, student, task, optimizer, batch, cfg.optim.grad_clip)
+            losses = train_step(accelerator, student, task, optimizer, batch, cfg.optim.grad_clip, guard, step + 1)
             meter.count(batch["label"].shape[0] * accelerator.num_processes)
             if cfg.train.record_samples:
                 seen[-1].extend(batch["index"].tolist())

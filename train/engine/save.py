@@ -33,8 +33,21 @@ def save_final(
     Returns:
         The checkpoint folder.
     """
+    from slimforge.train.checkpoint import non_finite
+    from slimforge.train.engine.step import DivergenceError
+
     final = out / "checkpoint"
     state = accelerator.get_state_dict(model)
+    bad = non_finite(state) if accelerator.is_main_process else []
+    if accelerator.num_processes > 1:  # every rank learns rank 0's verdict, so none waits for the others
+        from accelerate.utils import broadcast_object_list
+
+        bad = broadcast_object_list([bad])[0]
+    if bad:
+        raise DivergenceError(
+            f"the trained student holds non-finite values (nan/inf) in {', '.join(bad[:3])}; no checkpoint was written",
+            "lower optim.lr, set optim.grad_clip, and relaunch",
+        )
     if accelerator.is_main_process:
         save_checkpoint(state, spec, final, extra={**extra, "summary": summary})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -87,6 +87,31 @@ def check_topology(accelerator, cfg: TrainConfig) -> None:
             )
 
 
+def set_gradient_clipping(accelerator, grad_clip: float | None) -> None:
+    """Makes DeepSpeed clip exactly as ``optim.grad_clip`` says (it clips inside its own step; Accelerate's
+    ``clip_grad_norm_`` does nothing under DeepSpeed).
+
+    A DeepSpeed launch config without ``gradient_clipping`` leaves it "auto", which Accelerate fills with 1.0 when it
+    prepares the engine: every ZeRO run would clip at norm 1 whatever the run config says, and train differently
+    from a DDP run of the same config. This writes the configured value (0.0, DeepSpeed's "off", for null) before
+    that happens, and refuses a launch config that pins another value.
+
+    Raises:
+        SlimforgeError: the launch config's ``gradient_clipping`` differs from ``optim.grad_clip``.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    wanted = float(grad_clip) if grad_clip is not None else 0.0
+    pinned = plugin.deepspeed_config.get("gradient_clipping", "auto")
+    if pinned not in ("auto", None) and float(pinned) != wanted:
+        raise SlimforgeError(
+            f"the DeepSpeed launch config clips gradients at {pinned}, the run config says optim.grad_clip={grad_clip}",
+            "remove gradient_clipping from the launch config (the run config decides) or set optim.grad_clip to it",
+        )
+    plugin.deepspeed_config["gradient_clipping"] = wanted
+
+
 def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
     """What took effect, gathered from every rank (a collective), for the log and summary.json."""
     import socket
@@ -118,6 +143,8 @@ def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
         "global_batch": cfg.data.batch_size * accelerator.num_processes * accum,
         "sharding": sharding,
         "mixed_precision": str(accelerator.mixed_precision),
+        "grad_clip": cfg.optim.grad_clip,
+        "clipped_by": "DeepSpeed" if plugin is not None else "Accelerate (clip_grad_norm_)",
         "teacher_placement": cfg.train.teacher_placement,
         "ranks": gather_object([rank]),
     }
@@ -127,7 +154,8 @@ def log_topology(topology: dict[str, Any], cfg: RunConfig, lr: float, total_step
     """Logs what took effect: one line for the run, one per rank."""
     logger.info(
         "%s: %s, world size %d, micro-batch %d/rank × %d accumulation = global batch %d, sharding %s, "
-        "mixed precision %s, teacher %s, peak LR %.3g (%s scaling from %g at batch %d), %d updates",
+        "mixed precision %s, gradient clipping %s (%s), teacher %s, peak LR %.3g (%s scaling from %g at batch %d), "
+        "%d updates",
         "distillation" if distill else "training",
         topology["distributed_type"],
         topology["world_size"],
@@ -136,6 +164,8 @@ def log_topology(topology: dict[str, Any], cfg: RunConfig, lr: float, total_step
         topology["global_batch"],
         topology["sharding"],
         topology["mixed_precision"],
+        topology["grad_clip"] if topology["grad_clip"] is not None else "none",
+        topology["clipped_by"],
         topology["teacher_placement"] if distill else "none",
         lr,
         cfg.optim.lr_scaling,
