@@ -97,8 +97,11 @@ class Method:
     def check_model(self, model: nn.Module) -> None:
         """Raises :class:`RecipeError` when the step cannot apply to ``model`` (checked before any work starts)."""
 
-    def check_topology(self, distributed_type: str, zero_stage: int | None) -> str | None:
-        """Why this method cannot run under the launched topology (e.g. sharded parameters), or None."""
+    def check_topology(
+        self, distributed_type: str, zero_stage: int | None, weight_dtype: str = "float32"
+    ) -> str | None:
+        """Why this method cannot run under the launched topology (e.g. sharded parameters, or weights and buffers
+        held in ``weight_dtype`` by DeepSpeed's mixed precision), or None."""
         return None
 
     def prepare(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         job = json.load(f)
     try:
         images = np.load(job["images"])  # [N, C, H, W]: in memory before the memory probe starts
-        result = measure_artifact(job["runtime"], job["artifact"], images, TimingConfig(**job["timing"]))
+        timing = TimingConfig(**job["timing"])
+        result = measure_artifact(job["runtime"], job["artifact"], images, timing, job.get("allow_factory", False))
     except SlimforgeError as e:
         result = {"error": e.problem, "fix": e.fix}
     except Exception as e:  # report it as this row's error; the traceback goes to stderr for -v

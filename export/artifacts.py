@@ -47,7 +47,7 @@ from slimforge.export.to_onnx import MIN_OPSET
 from slimforge.export.verify import ParityConfig, batch_plan, check_parity, reference_logits
 from slimforge.train.checkpoint import file_sha256, load_checkpoint
 from slimforge.train.config import at_least
-from slimforge.train.errors import ConfigError, ExportError, SlimforgeError
+from slimforge.train.errors import ConfigError, ExportError, SlimforgeError, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ class ExportConfig:
     """Tolerances of the formats meant to reproduce the checkpoint's logits (onnx, torchscript)."""
     int8: Int8Config = field(default_factory=Int8Config)
     """How int8 artifacts are made and judged."""
+    allow_factory: bool = False
+    """Export a checkpoint whose architecture is a user factory: rebuilding it imports and runs the Python function
+    its ``slimforge.json`` names (``--allow-factory``)."""
 
     def validate(self) -> list[str]:
         p = [f"parity.{x}" for x in self.parity.validate()]
@@ -278,15 +281,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
     Raises:
         ConfigError: ``cfg`` is invalid.
-        CheckpointError / DataError: the checkpoint or its validation data cannot be read (nothing is written).
+        SlimforgeError: ``out_dir`` cannot be written (checked before any work).
+        CheckpointError / DataError: the checkpoint or its validation data cannot be read, holds non-finite values,
+            or is a user-factory model without ``cfg.allow_factory`` (nothing is written).
     """
     from slimforge.compress.api import is_quantized
 
     problems = cfg.validate()
     if problems:
         raise ConfigError(problems, fix="fix the export options")
+    check_writable(out_dir, "output folder")
     checkpoint = Path(checkpoint).resolve()
-    model, spec, meta = load_checkpoint(checkpoint)
+    model, spec, meta = load_checkpoint(checkpoint, allow_factory=cfg.allow_factory, opt_in="pass --allow-factory")
     formats = formats_for(cfg, is_quantized(spec.recipe), f"checkpoint {checkpoint}")
     data_cfg = data_config_from_meta(meta, cfg.data_overrides, where=str(checkpoint))
     val = ValidationSet(data_cfg, cfg.max_images)

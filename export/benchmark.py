@@ -21,6 +21,7 @@ import sys
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from slimforge.export.benchmarking.config import SELECTIONS, BenchConfig
+    from slimforge.export.report import add_input_arguments
     from slimforge.export.runtimes import available_runtimes
 
     d = BenchConfig()
@@ -54,10 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-isolate", action="store_true", help="measure every row in this process (faster, rougher mem)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--note", default="", help="text shown at the top of the report")
-    p.add_argument(
-        "--data", nargs="*", default=[], metavar="KEY=VALUE", help="override the teacher's recorded DataConfig"
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed rows)")
+    add_input_arguments(p, "benchmark", "override the teacher's recorded DataConfig")
     return p.parse_args(argv)
 
 
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from slimforge.export.benchmarking import BenchConfig, run_benchmark, write_benchmark
     from slimforge.export.measure import TimingConfig
     from slimforge.export.report import configure_logging, markdown_table
-    from slimforge.train.errors import SlimforgeError, report_error
+    from slimforge.train.errors import SlimforgeError, check_writable, report_error
 
     configure_logging(args.verbose)
     timing = TimingConfig(
@@ -88,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         peak_seconds=args.peak_seconds,
         progress=not args.no_progress,
         note=args.note,
+        allow_factory=args.allow_factory,
     )
     try:
+        check_writable(args.out, "output folder")  # before any row is measured, not after
         report = run_benchmark(args.teacher, args.student, cfg)
         paths = write_benchmark(report, args.out)
     except SlimforgeError as e:

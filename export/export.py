@@ -21,6 +21,7 @@ import sys
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from slimforge.export.artifacts import ExportConfig
     from slimforge.export.formats import available_formats
+    from slimforge.export.report import add_input_arguments
 
     d = ExportConfig()
     q = d.int8
@@ -68,10 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="onnx-int8-ort / onnx-dynamic: top-1 agreement with the float model (%(default)s)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the checking runtimes (all cores)")
-    p.add_argument(
-        "--data", nargs="*", default=[], metavar="KEY=VALUE", help="override the checkpoint's DataConfig fields"
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (full export tracebacks)")
+    add_input_arguments(p, "export", "override the checkpoint's DataConfig fields")
     return p.parse_args(argv)
 
 
@@ -115,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         parity=ParityConfig(rtol=args.rtol, min_agreement=args.min_agreement, batch_size=args.batch_size),
         int8=int8,
+        allow_factory=args.allow_factory,
     )
     try:
         report = export_checkpoint(args.checkpoint, args.out, cfg)

@@ -178,7 +178,9 @@ def _batch(images: np.ndarray, size: int) -> np.ndarray:
     return images[np.arange(size) % len(images)]
 
 
-def measure_artifact(runtime: str, artifact: str | os.PathLike, images: np.ndarray, cfg: TimingConfig) -> dict:
+def measure_artifact(
+    runtime: str, artifact: str | os.PathLike, images: np.ndarray, cfg: TimingConfig, allow_factory: bool = False
+) -> dict:
     """Loads ``artifact`` in ``runtime``, predicts ``images`` and times it.
 
     Args:
@@ -186,6 +188,7 @@ def measure_artifact(runtime: str, artifact: str | os.PathLike, images: np.ndarr
         artifact: The checkpoint directory or file.
         images: ``[N, C, H, W]`` float32 validation images preprocessed for this model.
         cfg: Threads, runs and batch sizes.
+        allow_factory: Load a user-factory checkpoint (imports and runs the code its metadata names).
 
     Returns:
         ``describe`` (the runtime's own account: precision, compute ops, details), ``preds`` ``[N]`` top-1
@@ -200,7 +203,7 @@ def measure_artifact(runtime: str, artifact: str | os.PathLike, images: np.ndarr
     images = np.ascontiguousarray(images, dtype=np.float32)
     probe = MemoryProbe(cls.device)
     probe.start()
-    rt = cls(threads=cfg.threads)
+    rt = cls(threads=cfg.threads, allow_factory=allow_factory)
     start = time.perf_counter()
     rt.load(artifact)
     load_seconds = time.perf_counter() - start

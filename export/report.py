@@ -24,6 +24,23 @@ def configure_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def add_input_arguments(parser, action: str, data_help: str) -> None:
+    """The options both export CLIs end with: ``--allow-factory``, ``--data KEY=VALUE ...``, ``-v``.
+
+    Args:
+        parser: The entry's ``argparse.ArgumentParser``.
+        action: What the entry does with a factory model, for the help ("export", "benchmark").
+        data_help: Help for ``--data`` (whose recorded DataConfig it overrides).
+    """
+    parser.add_argument(
+        "--allow-factory",
+        action="store_true",
+        help=f"{action} models of a user factory (source: factory): rebuilding one imports and runs the code it names",
+    )
+    parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help=data_help)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (full tracebacks)")
+
+
 def _jsonable(obj: Any) -> Any:
     # Standard JSON has no NaN/inf: a failed comparison's infinite diff is written as null.
     if isinstance(obj, float):

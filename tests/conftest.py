@@ -70,8 +70,21 @@ def tiny_data_config(**overrides):
     return DataConfig(**base)
 
 
-def make_checkpoint(path: Path, name: str = "resnet10t", data=None, kwargs: dict | None = None, seed: int = 0):
-    """A randomly initialised, real checkpoint of timm ``name`` for ``data`` (default: tiny MNIST)."""
+DIGITS = [str(i) for i in range(10)]
+"""The class names of the embedded datasets (mnist_5k, digits)."""
+
+
+def make_checkpoint(
+    path: Path,
+    name: str = "resnet10t",
+    data=None,
+    kwargs: dict | None = None,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+    source: str = "timm",
+):
+    """A randomly initialised, real checkpoint of ``source`` model ``name`` for ``data`` (default: tiny MNIST) with
+    10 classes named ``class_names`` (default: the embedded datasets' ``"0"`` ... ``"9"``)."""
     import torch
 
     from slimforge.train.checkpoint import save_checkpoint
@@ -81,7 +94,10 @@ def make_checkpoint(path: Path, name: str = "resnet10t", data=None, kwargs: dict
     data = data or tiny_data_config()
     torch.manual_seed(seed)
     info = describe(data)
-    model, spec = build_model(ModelConfig(name=name, kwargs=kwargs or {}), 10, info["input_size"], info)
+    names = DIGITS if class_names is None else class_names
+    model, spec = build_model(
+        ModelConfig(source=source, name=name, kwargs=kwargs or {}), 10, info["input_size"], info, names
+    )
     save_checkpoint(model.state_dict(), spec, path, extra={"data": dataclasses.asdict(data)})
     return path
 
@@ -105,7 +121,7 @@ def train_checkpoint(path: Path, name: str = "resnet10t", steps: int = 120, seed
     torch.manual_seed(seed)
     info = describe(data)
     splits = load_splits(data)
-    model, spec = build_model(ModelConfig(name=name), splits.num_classes, info["input_size"], info)
+    model, spec = build_model(ModelConfig(name=name), splits.num_classes, info["input_size"], info, splits.class_names)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     done = 0
     while done < steps:

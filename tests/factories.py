@@ -18,6 +18,21 @@ def tiny_convnet(num_classes: int, in_chans: int, width: int = 8) -> nn.Module:
     )
 
 
+def tiny_bn_convnet(num_classes: int, in_chans: int, width: int = 8) -> nn.Module:
+    """A small CNN with batch norm (weights, and running statistics held as buffers)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
+
+
 def tiny_upsampler(num_classes: int, in_chans: int, width: int = 8) -> nn.Module:
     """A CNN with a transposed convolution: a layer type ONNX Runtime has no int8 kernel for."""
     return nn.Sequential(

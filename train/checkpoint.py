@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimforge.train.errors import CheckpointError
-from slimforge.train.models import ModelSpec, create_model
+from slimforge.train.errors import CheckpointError, ModelError
+from slimforge.train.models import FACTORY_OPT_IN, ModelSpec, check_factory, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,12 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {path} has format version {meta.get('version')}, this slimforge reads {VERSION}",
             "use the slimforge version that wrote it",
         )
+    spec_from_meta(meta, f"checkpoint {path}: {META}")
+    record = meta.get("weights")
+    if not (isinstance(record, dict) and {"file", "bytes", "sha256"} <= set(record)):
+        raise CheckpointError(f"checkpoint {path}: {META} has no complete 'weights' record (file, bytes, sha256)", fix)
+    if record["file"] != WEIGHTS:  # a name like ../other.bin would read a file outside the checkpoint
+        raise CheckpointError(f"checkpoint {path}: {META} names weights file {record['file']!r}, not {WEIGHTS}", fix)
     weights = path / meta["weights"]["file"]
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {path} is missing its weights file {weights.name}", fix)
@@ -150,9 +156,21 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def spec_from_meta(meta: dict[str, Any], where: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a model description (a checkpoint's metadata or an artifact's embedded copy).
+
+    Raises:
+        CheckpointError: the description has unknown or missing fields, or a model source slimforge does not build.
+    """
+    try:
+        return ModelSpec.from_dict(meta.get("model"))
+    except ModelError as e:
+        raise CheckpointError(f"{where}: {e.problem}", e.fix) from None
+
+
 def read_spec(path: str | os.PathLike) -> ModelSpec:
     """The :class:`ModelSpec` a checkpoint holds."""
-    return ModelSpec.from_dict(read_meta(path)["model"])
+    return spec_from_meta(read_meta(path), f"checkpoint {path}")
 
 
 def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
@@ -160,16 +178,29 @@ def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def rebuild_model(spec: ModelSpec, where: str = "") -> nn.Module:
+def rebuild_model(
+    spec: ModelSpec, where: str = "", allow_factory: bool = False, opt_in: str = FACTORY_OPT_IN
+) -> nn.Module:
     """The bare architecture ``spec`` describes with its compression recipe replayed (no data, random weights).
 
+    Args:
+        spec: A description read from a checkpoint or an artifact.
+        where: What holds it, for messages.
+        allow_factory: Rebuild a user-factory model (imports and calls the function ``spec`` names).
+        opt_in: How the caller's user sets ``allow_factory``, for the refusal's fix.
+
     Raises:
-        CheckpointError: a recipe step cannot be rebuilt (unknown method, structure that no longer fits).
+        CheckpointError: ``spec`` names a user factory and ``allow_factory`` is false, or a recipe step cannot be
+            rebuilt (unknown method, structure that no longer fits).
     """
     from slimforge.compress.api import RecipeError, rebuild
     from slimforge.train.errors import ConfigError
     from slimforge.train.recipe import recorded_config
 
+    try:
+        check_factory(spec, allow_factory, where or f"model {spec.name!r}", opt_in)
+    except ModelError as e:
+        raise CheckpointError(e.problem, e.fix) from None
     model = create_model(spec)
     try:
         return rebuild(model, spec.recipe, recorded_config)
@@ -180,22 +211,32 @@ def rebuild_model(spec: ModelSpec, where: str = "") -> nn.Module:
         ) from None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[nn.Module, ModelSpec, dict]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str = "cpu", allow_factory: bool = False, opt_in: str = FACTORY_OPT_IN
+) -> tuple[nn.Module, ModelSpec, dict]:
     """Rebuilds the model a checkpoint describes and loads its weights (strictly).
+
+    Args:
+        path: The checkpoint directory.
+        map_location: Device the weights are read to.
+        allow_factory: Load a checkpoint whose architecture is a user factory (``source: factory``): rebuilding it
+            imports and calls the Python function its metadata names, so it is refused unless the user opted in.
+        opt_in: How the caller's user opts in, for the refusal's fix.
 
     Returns:
         ``(model, spec, meta)``; the model is in eval mode.
 
     Raises:
-        CheckpointError: the checkpoint is missing, truncated, corrupted or does not fit its architecture.
+        CheckpointError: the checkpoint is missing, truncated, corrupted, does not fit its architecture, holds
+            non-finite values, or names a user factory without ``allow_factory``.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = read_meta(path)
-    spec = ModelSpec.from_dict(meta["model"])
-    model = rebuild_model(spec, where=f"checkpoint {path}")
+    spec = spec_from_meta(meta, f"checkpoint {path}")
+    model = rebuild_model(spec, f"checkpoint {path}", allow_factory, opt_in)
     try:
         state = load_file(str(path / meta["weights"]["file"]), device=map_location)
     except (SafetensorError, OSError) as e:

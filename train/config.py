@@ -80,6 +80,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         allowed = typing.get_args(tp)
         if value in allowed:
             return value
+        if isinstance(value, bool) and ("no" if value is False else "yes") in allowed:
+            return "no" if value is False else "yes"  # YAML 1.1 reads a bare no/yes (off/on) as a boolean
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         errors.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}{hint}")
@@ -194,8 +196,23 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return obj
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line saying why ``yaml.safe_load`` refused a text: a tag it does not construct, or the syntax error."""
+    if isinstance(e, yaml.constructor.ConstructorError) and e.problem and "tag" in e.problem:
+        tag = e.problem.split("tag", 1)[1].strip(" '").replace("tag:yaml.org,2002:", "!!")
+        return f"tag {tag} is not allowed: values are plain YAML, never Python objects"
+    mark = getattr(e, "problem_mark", None)
+    where = f" at character {mark.column + 1} of the value" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}".replace("\n", " ")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Applies ``a.b.c=value`` overrides to nested ``data`` in place; values are parsed as YAML scalars."""
+    """Applies ``a.b.c=value`` overrides to nested ``data`` in place; values are parsed with ``yaml.safe_load``
+    (plain YAML: no tags, no code).
+
+    Raises:
+        ConfigError: an override is not ``section.key=value``, or its value is not plain YAML.
+    """
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -213,9 +230,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 break
             node = child
         else:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            try:
+                node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as e:
+                problems.append(f"override {item!r}: the value is not plain YAML ({_yaml_problem(e)})")
     if problems:
-        raise ConfigError(problems, fix="write overrides as section.key=value, e.g. optim.lr=0.01")
+        raise ConfigError(
+            problems,
+            fix="write overrides as section.key=<plain YAML value>, e.g. optim.lr=0.01 or compress=[{method: qat}] "
+            "(quote a text YAML would read otherwise: key='a: b')",
+        )
     return data
 
 

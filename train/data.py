@@ -44,9 +44,10 @@ class DataConfig:
     train_split: str = "train"
     """Split used for training (hub / imagefolder)."""
     val_split: str | None = None
-    """Split used for validation; ``None`` carves ``val_fraction`` out of the training split."""
+    """Split used for validation; ``None``: an image folder's ``validation/`` (or ``val/``, ``valid/``, ``dev/``)
+    subfolder when it has one, else ``val_fraction`` carved out of the training split. The log says which."""
     val_fraction: float = 0.2
-    """Fraction of the training split held out for validation (stratified, seeded) when ``val_split`` is unset."""
+    """Fraction of the training split held out for validation (stratified, seeded) when no validation split is used."""
     image_column: str = "image"
     label_column: str = "label"
     image_size: int = 32
@@ -234,16 +235,30 @@ def load_splits(cfg: DataConfig) -> Splits:
             "use a dataset whose labels are a ClassLabel (imagefolder derives one from folder names)",
         )
     train = train.add_column(INDEX_COLUMN, list(range(len(train))))
-    if cfg.val_split is not None:
-        val = _rename_columns(dd[cfg.val_split], cfg)
+    val_split = cfg.val_split
+    if val_split is None and cfg.source == "imagefolder" and "validation" in dd and cfg.train_split != "validation":
+        val_split = "validation"  # `datasets` names a validation/, val/, valid/ or dev/ subfolder so
+    if val_split is not None:
+        val = _rename_columns(dd[val_split], cfg)
+        if getattr(val.features["label"], "names", None) != label_feature.names:
+            raise DataError(
+                f"split {val_split!r} labels its classes {getattr(val.features['label'], 'names', None)}, split "
+                f"{cfg.train_split!r} {label_feature.names}",
+                "give both splits the same classes (the same subfolder names)",
+            )
         val = val.add_column(INDEX_COLUMN, list(range(len(val))))
+        source = f"from split {val_split!r}"
     else:
         parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, stratify_by_column="label")
         train, val = parts["train"], parts["test"]
+        source = f"held out of split {cfg.train_split!r} (data.val_fraction {cfg.val_fraction:g})"
     if cfg.max_train_samples is not None:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if cfg.max_val_samples is not None:
         val = val.select(range(min(cfg.max_val_samples, len(val))))
+    unused = [name for name in dd if name not in (cfg.train_split, val_split)]
+    note = f"; splits {unused} are not used (data.val_split picks one)" if unused else ""
+    logger.info("validation: %d images %s%s", len(val), source, note)
     return Splits(train=train, val=val, class_names=list(label_feature.names))
 
 

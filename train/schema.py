@@ -35,7 +35,8 @@ class TrainConfig:
     seed: int = 42
     """Seeds model init, shuffling and augmentation (the same on every rank; Accelerate shards the batches)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision: bf16 on CPU or GPU, fp16 on GPU only; weights and optimizer stay fp32."""
+    """Autocast precision: bf16 on CPU or GPU, fp16 on GPU only; weights and optimizer stay fp32 (under DeepSpeed,
+    bf16 is its torch_autocast, and fp16 its fp16 mode: fp16 weights with fp32 masters)."""
     log_every: int = 20
     """Log train loss/LR every N optimizer steps."""
     overwrite: bool = False
@@ -57,7 +58,13 @@ class TrainConfig:
     keep_states: int = 2
     """How many resumable states to keep."""
     resume: bool = True
-    """Resume from the newest complete state in ``output_dir/state/`` if there is one."""
+    """Resume from the newest complete state in ``output_dir/state/`` if there is one, provided it was saved by a
+    run of the same settings (otherwise the run stops, naming the changed fields). false starts afresh and deletes
+    the old states (so does ``overwrite: true``)."""
+    collective_timeout_s: int = 1800
+    """How long a rank waits in a collective (all-reduce, barrier ...) for the others before the run fails with a
+    timeout error, in seconds (torch's ``init_process_group`` timeout). Raise it for slow shared filesystems or
+    long evaluation on rank 0; lower it to make a hung node fail sooner."""
     teacher_placement: Placement = "replicated"
     """replicated: a full frozen copy of the teacher on every rank, outside any DDP/DeepSpeed/FSDP wrapper
     (memory per rank = teacher weights + activations of one micro-batch; no communication). sharded: the
@@ -67,6 +74,7 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         p = at_least(self, 1, "epochs", "grad_accum_steps", "keep_states", "log_every", "max_steps", "checkpoint_every")
+        p += at_least(self, 10, "collective_timeout_s")
         if not self.output_dir:
             p.append("output_dir: must be a folder path")
         return p

@@ -59,11 +59,19 @@ class _Quantize(Method):
         cfg = self.config
         quantize_graph(copy.deepcopy(model), cfg.activation_type(), 0.01, cfg.skip)  # layers, traceability
 
-    def check_topology(self, distributed_type: str, zero_stage: int | None) -> str | None:
+    def check_topology(
+        self, distributed_type: str, zero_stage: int | None, weight_dtype: str = "float32"
+    ) -> str | None:
         if "FSDP" in distributed_type or zero_stage == 3:
             return (
                 f"{self.name} folds batch norm into each convolution's weight inside that layer's forward, and "
                 "ZeRO-3 / FSDP shard those weights outside it"
+            )
+        if weight_dtype != "float32":
+            return (
+                f"DeepSpeed's mixed precision would hold the quantizers' scales, zero points and observed ranges in "
+                f"{weight_dtype}, so the trained scales would not be those of the exported int8 model (use "
+                "train.mixed_precision=bf16 or no)"
             )
         return None
 

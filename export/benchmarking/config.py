@@ -40,6 +40,9 @@ class BenchConfig:
     """A tqdm progress bar on stderr."""
     note: str = ""
     """Free text printed at the top of the report (e.g. "random-init weights: accuracy is meaningless")."""
+    allow_factory: bool = False
+    """Benchmark checkpoints and artifacts whose description names a user factory (``source: factory``): rebuilding
+    the model (to run a checkpoint, or to count an artifact's parameters and MACs) imports and runs that code."""
 
     def validate(self) -> list[str]:
         p = [f"timing.{x}" for x in self.timing.validate()]

@@ -28,7 +28,7 @@ from slimforge.export.evaldata import ValidationSet
 from slimforge.export.measure import measure_artifact
 from slimforge.export.report import write_json
 from slimforge.export.runtimes import CHECKPOINT_KIND, artifact_kind, default_runtime, runtime_class
-from slimforge.train.checkpoint import rebuild_model
+from slimforge.train.checkpoint import rebuild_model, spec_from_meta
 from slimforge.train.errors import ExportError, SlimforgeError, first_line
 from slimforge.train.models import ModelSpec
 
@@ -75,15 +75,16 @@ def artifact_bytes(path: Path, meta: dict[str, Any]) -> int:
 _COST_CACHE: dict[str, tuple[int, int]] = {}
 
 
-def model_cost(spec: ModelSpec) -> tuple[int, int]:
+def model_cost(spec: ModelSpec, allow_factory: bool = False) -> tuple[int, int]:
     """``(parameters, MACs at batch 1)`` of the architecture ``spec`` describes, compression recipe applied.
 
     Counted on the rebuilt PyTorch module, not the artifact: an export holds the same weights (a frozen
-    TorchScript or ONNX graph may fold BatchNorm, which changes the count but not the model).
+    TorchScript or ONNX graph may fold BatchNorm, which changes the count but not the model). A user-factory model
+    is rebuilt only with ``allow_factory``.
     """
     key = json.dumps(spec.to_dict(), sort_keys=True)
     if key not in _COST_CACHE:
-        model = rebuild_model(spec).eval()
+        model = rebuild_model(spec, allow_factory=allow_factory, opt_in="pass --allow-factory").eval()
         _COST_CACHE[key] = (count_parameters(model), count_macs(model, spec.input_size))
     return _COST_CACHE[key]
 
@@ -138,6 +139,7 @@ class RowRunner:
             "artifact": str(path),
             "images": self._images_file(images),
             "timing": asdict(self.cfg.timing),
+            "allow_factory": self.cfg.allow_factory,
             "result": result_path,
         }
         write_json(job_path, job)
@@ -180,7 +182,7 @@ class RowRunner:
             meta: dict[str, Any] | BaseException
             try:  # read first so skipped rows are named too; a broken description fails only a measured row
                 meta = artifact_meta(target.path)
-                spec = ModelSpec.from_dict(meta["model"])
+                spec = spec_from_meta(meta, str(target.path))
                 row["model"] = spec.name
             except Exception as e:
                 meta = e
@@ -200,7 +202,7 @@ class RowRunner:
             if self.cfg.isolate:
                 result = self._isolated(name, target.path, images)
             else:
-                result = measure_artifact(name, target.path, images.numpy(), self.cfg.timing)
+                result = measure_artifact(name, target.path, images.numpy(), self.cfg.timing, self.cfg.allow_factory)
             preds = np.asarray(result["preds"])
             reference = preds if teacher_preds is None else teacher_preds
             d = result["describe"]
@@ -224,7 +226,7 @@ class RowRunner:
                 first_run_seconds=result["first_run_seconds"],
                 size_bytes=artifact_bytes(target.path, meta),
             )
-            row["params"], row["macs"] = model_cost(spec)
+            row["params"], row["macs"] = model_cost(spec, self.cfg.allow_factory)
         except Exception as e:  # one broken artifact must not cost the whole report
             logger.debug("benchmark of %s failed", target.path, exc_info=True)
             problem, fix = _error_text(e)

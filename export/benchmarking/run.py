@@ -15,15 +15,17 @@ import torch
 
 from slimforge.export.benchmarking.analysis import finish_rows, recommend
 from slimforge.export.benchmarking.config import TEACHER_RUNTIME, BenchConfig
-from slimforge.export.benchmarking.plan import parse_target, plan_rows, selected_runtimes
+from slimforge.export.benchmarking.plan import Target, parse_target, plan_rows, selected_runtimes
 from slimforge.export.benchmarking.rows import RowRunner
+from slimforge.export.description import artifact_meta
 from slimforge.export.evaldata import ValidationSet, data_config_from_meta
 from slimforge.export.machine import default_threads, load_average, machine_fingerprint
 from slimforge.export.peak import measure_peaks
 from slimforge.export.report import now, write_json
 from slimforge.export.runtimes import artifact_kind, runtime_class, runtimes_for_kind
-from slimforge.train.checkpoint import read_meta
-from slimforge.train.errors import ConfigError, ExportError
+from slimforge.train.checkpoint import read_meta, spec_from_meta
+from slimforge.train.errors import ConfigError, ExportError, SlimforgeError
+from slimforge.train.models import check_class_names, check_factory
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,9 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
         with ``reason``), ``recommendation``, ``not_selected``; see docs/benchmark.md.
 
     Raises:
-        SlimforgeError: the options are invalid or the teacher or its data cannot be loaded or run.
+        SlimforgeError: the options are invalid, the teacher or its data cannot be loaded or run, or (checked before
+            anything is measured) a model's class names differ from the evaluation data's, or a model is a user
+            factory and ``cfg.allow_factory`` is off.
     """
     problems = cfg.validate()
     if problems:
@@ -69,6 +73,8 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
     meta = read_meta(t_target.path)
     val = ValidationSet(data_config_from_meta(meta, cfg.data_overrides, where=str(t_target.path)), cfg.max_images)
     runtime_class(t_target.runtime)  # an unknown teacher runtime is a usage error, not a row
+    plan = plan_rows(students, cfg.runtimes)
+    check_models(meta, t_target.path, plan, val.class_names, cfg.allow_factory)
 
     machine = machine_fingerprint(threads=threads)
     if machine["load_avg_1m"] is not None and machine["load_avg_1m"] > 0.5 * machine["usable_cores"]:
@@ -77,7 +83,6 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
             machine["load_avg_1m"],
             machine["usable_cores"],
         )
-    plan = plan_rows(students, cfg.runtimes)
     runner = RowRunner(cfg, val)
     peaks = None
     try:
@@ -125,19 +130,56 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
     }
 
 
+def check_models(
+    teacher_meta: dict[str, Any], teacher: Path, plan: list[Target], class_names: list[str], allow_factory: bool
+) -> None:
+    """Refuses, before anything is measured, a teacher or student whose class names (or their order) differ from
+    the evaluation data's, and one whose description names a user factory without ``allow_factory``. A student
+    whose description cannot be read is left to its row, which reports why.
+
+    Raises:
+        ModelError / CheckpointError: naming the model and the difference.
+    """
+    fix = (
+        "benchmark models trained on the same classes in the same order, or evaluate on data with these classes "
+        "(--data key=value overrides the teacher's recorded dataset)"
+    )
+    described = [(f"teacher checkpoint {teacher}", "teacher", teacher_meta)]
+    for path in dict.fromkeys(t.path for t in plan if t.path.exists()):
+        try:
+            described.append((f"student {path}", "student", artifact_meta(path)))
+        except Exception:  # an unreadable description: that row reports it
+            continue
+    for subject, role, meta in described:
+        try:
+            spec = spec_from_meta(meta, subject)
+        except SlimforgeError:  # its row reports it
+            continue
+        check_factory(spec, allow_factory, subject, "pass --allow-factory")
+        check_class_names(spec.class_names, class_names, subject, (role, "evaluation data"), fix)
+
+
 def write_benchmark(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Writes ``benchmark.json``, ``.csv``, ``.md`` and the self-contained ``benchmark.html`` into ``out_dir``.
 
     Returns:
         ``{"json": path, "csv": path, "md": path, "html": path}``.
+
+    Raises:
+        ExportError: a file cannot be written (``export/benchmark.py`` checks the folder before measuring).
     """
     from slimforge.export.report import csv_table, markdown_table, write_text
     from slimforge.export.report_html import html_report
 
     out = Path(out_dir)
-    return {
-        "json": write_json(out / "benchmark.json", report),
-        "csv": write_text(out / "benchmark.csv", csv_table(report)),
-        "md": write_text(out / "benchmark.md", markdown_table(report)),
-        "html": write_text(out / "benchmark.html", html_report(report)),
-    }
+    try:
+        return {
+            "json": write_json(out / "benchmark.json", report),
+            "csv": write_text(out / "benchmark.csv", csv_table(report)),
+            "md": write_text(out / "benchmark.md", markdown_table(report)),
+            "html": write_text(out / "benchmark.html", html_report(report)),
+        }
+    except OSError as e:
+        raise ExportError(
+            f"cannot write the benchmark report into {out}: {e.strerror or e}", "free space or pass another --out"
+        ) from None

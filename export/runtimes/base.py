@@ -39,6 +39,7 @@ class Runtime:
 
     Args:
         threads: Intra-op CPU threads; ``None`` uses every core this process may use.
+        allow_factory: Load a checkpoint whose architecture is a user factory (imports and runs the code it names).
     """
 
     name: ClassVar[str] = ""
@@ -48,8 +49,9 @@ class Runtime:
     opt_in: ClassVar[bool] = False
     """Left out of the benchmark's default runtime set (costly to prepare, e.g. torch.compile)."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, allow_factory: bool = False) -> None:
         self.threads = threads or default_threads()
+        self.allow_factory = allow_factory
         self.precision = "fp32"
         self.compute_ops: dict[str, int] | None = None
         """Convolution / matmul kernels per precision, where the runtime reports what it compiled."""
@@ -202,6 +204,17 @@ def runtime_for(path: str | os.PathLike, name: str | None = None) -> type[Runtim
 def require_file(path: Path) -> None:
     if not path.is_file():
         raise ExportError(f"artifact {str(path)!r} does not exist", "export it with export/export.py")
+
+
+def checked_onnx(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` once it is an existing ONNX file whose external data stays inside its folder (checked
+    before any runtime opens it: :mod:`slimforge.export.external_data`)."""
+    from slimforge.export.external_data import check_external_data
+
+    path = Path(path)
+    require_file(path)
+    check_external_data(path)
+    return path
 
 
 def cuda_available() -> tuple[bool, str]:

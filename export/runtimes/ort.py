@@ -7,7 +7,6 @@ import ctypes.util
 import logging
 import os
 import tempfile
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -15,10 +14,10 @@ import numpy as np
 from slimforge.export.onnx_graph import int8_macs, onnx_precision, ort_compute_ops
 from slimforge.export.runtimes.base import (
     Runtime,
+    checked_onnx,
     cuda_available,
     precision_from_ops,
     register_runtime,
-    require_file,
 )
 from slimforge.train.errors import ExportError, SlimforgeError, first_line
 
@@ -73,8 +72,7 @@ class OrtCpu(Runtime):
 
     def load(self, path: str | os.PathLike) -> None:
         ort = import_onnxruntime()
-        path = Path(path)
-        require_file(path)
+        path = checked_onnx(path)
         so = session_options(self.threads, optimize=self.optimize)
         try:
             declared = onnx_precision(path)

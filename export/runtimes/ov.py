@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from slimforge.export.runtimes.base import Runtime, precision_from_ops, register_runtime, require_file
+from slimforge.export.runtimes.base import Runtime, checked_onnx, precision_from_ops, register_runtime
 from slimforge.train.errors import ExportError, SlimforgeError
 
 _OV_FIX = "install OpenVINO: pip install openvino"
@@ -67,8 +66,7 @@ class OpenVino(Runtime):
 
     def load(self, path: str | os.PathLike) -> None:
         ov = import_openvino()
-        path = Path(path)
-        require_file(path)
+        path = checked_onnx(path)
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
         if self.hint:
             config["INFERENCE_PRECISION_HINT"] = self.hint

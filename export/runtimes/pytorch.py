@@ -80,7 +80,10 @@ class TorchEager(_TorchRuntime):
         from slimforge.train.checkpoint import load_checkpoint
 
         self._set_threads()
-        self.module, self.spec, self.meta = load_checkpoint(path, map_location="cpu")  # CheckpointError if broken
+        # CheckpointError if broken, or a user factory without --allow-factory
+        self.module, self.spec, self.meta = load_checkpoint(
+            path, map_location="cpu", allow_factory=self.allow_factory, opt_in="pass --allow-factory"
+        )
         self.module.to(self.device)
         self.precision = torch_precision(self.module)
         self._gpu_precision()

@@ -31,6 +31,16 @@ def launch(config_file: str, entry: str, config: str, *overrides: str, timeout: 
     return run_cmd(launch_args(config_file, entry, config, *overrides), timeout=timeout, env=ENV)
 
 
+def distill_tiny(launch_config: str, teacher: Path, out: Path, *overrides: str, timeout: int = 600):
+    """``train/distill.py`` with ``configs/debug/tiny_equivalence.yaml``, from the factory-built ``teacher`` into
+    ``out``."""
+    teacher_args = (f"teacher.checkpoint={teacher}", "teacher.allow_factory=true", f"train.output_dir={out}")
+    return launch(
+        launch_config, "train/distill.py", "configs/debug/tiny_equivalence.yaml", *teacher_args, *overrides,
+        timeout=timeout,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory) -> Path:
     data = tiny_data_config(image_size=16)
@@ -43,7 +53,7 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)[0].state_dict()
+    return load_checkpoint(path, allow_factory=True)[0].state_dict()
 
 
 def relative_difference(a: dict, b: dict) -> float:
@@ -57,10 +67,23 @@ def test_deepspeed_is_installed():
     import deepspeed  # noqa: F401
 
 
+def launch_equivalence_runs(out: Path, runs: dict[str, tuple[str, int]], *overrides: str) -> None:
+    """``configs/debug/tiny_equivalence.yaml`` once per ``{name: (launch config, per-process batch)}``, into
+    ``out/<name>``; each must succeed."""
+    for name, (launch_config, batch) in runs.items():
+        proc = launch(
+            launch_config,
+            "train/distill.py",
+            "configs/debug/tiny_equivalence.yaml",
+            *overrides,
+            f"data.batch_size={batch}",
+            f"train.output_dir={out / name}",
+        )
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+
+
 @pytest.mark.slow
 def test_ddp_zero2_zero3_match_a_single_process_run(tmp_path, tiny_teacher):
-    config = "configs/debug/tiny_equivalence.yaml"
-    common = [f"teacher.checkpoint={tiny_teacher}"]
     runs = {
         "single": ("single.yaml", 32),
         "ddp": ("ddp.yaml", 16),
@@ -68,17 +91,22 @@ def test_ddp_zero2_zero3_match_a_single_process_run(tmp_path, tiny_teacher):
         "zero3": ("zero3.yaml", 16),
         "single_b16": ("single.yaml", 16),
     }
-    for name, (launch_config, batch) in runs.items():
-        proc = launch(
-            launch_config,
-            "train/distill.py",
-            config,
-            *common,
-            f"data.batch_size={batch}",
-            f"train.output_dir={tmp_path / name}",
-        )
-        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    launch_equivalence_runs(
+        tmp_path,
+        runs,
+        f"teacher.checkpoint={tiny_teacher}",
+        "teacher.allow_factory=true",
+        "train.record_samples=true",
+        "train.collective_timeout_s=321",
+    )
     summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in runs}
+    for name in ("ddp", "zero2", "zero3"):
+        ranks = [json.loads((tmp_path / name / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        # Each rank draws its own dropout masks, while the data shards stay disjoint and global ...
+        assert ranks[0]["dropout_mask_sha256"] != ranks[1]["dropout_mask_sha256"], name
+        assert not set(ranks[0]["indices_per_epoch"][0]) & set(ranks[1]["indices_per_epoch"][0]), name
+        # ... and the process group waits as long as the run config says.
+        assert [r["collective_timeout_s"] for r in summaries[name]["topology"]["ranks"]] == [321.0, 321.0], name
     assert summaries["ddp"]["distributed_type"] == "DistributedType.MULTI_CPU"
     assert summaries["zero3"]["topology"]["sharding"] == "DeepSpeed ZeRO-3"
     assert all(s["steps"] == 6 and s["global_batch"] == 32 for n, s in summaries.items() if n != "single_b16")
@@ -100,6 +128,7 @@ def test_fsdp_on_a_cpu_only_machine_is_a_clear_error(tmp_path, tiny_teacher):
         "train/distill.py",
         "configs/debug/tiny_equivalence.yaml",
         f"teacher.checkpoint={tiny_teacher}",
+        "teacher.allow_factory=true",
         f"train.output_dir={out}",
         timeout=300,
     )
@@ -123,6 +152,26 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def sigkill_once(args: list[str], state: Path) -> None:
+    """Launches ``args`` and SIGKILLs the launcher, every rank and their DataLoader workers as soon as the
+    resumable state ``state`` is complete: a crash mid-run."""
+    env = dict(os.environ, **ENV, PYTHONUNBUFFERED="1")
+    victim = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not (state / "slimforge_state.json").exists():
+        assert victim.poll() is None, f"the run ended before {state.name}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    for pid in descendants(victim.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    victim.wait()
+
+
 def train_losses(run: Path) -> dict[int, float]:
     """The last logged rank-0 train loss per step (a resumed run logs the replayed steps again)."""
     losses = {}
@@ -133,11 +182,19 @@ def train_losses(run: Path) -> dict[int, float]:
     return losses
 
 
+QAT_FROZEN = "compress=[{method: qat, calibration_images: 64, freeze_observers_step: 3}]"
+
+
 @pytest.mark.slow
-def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teacher):
+@pytest.mark.parametrize("recipe", [[], [QAT_FROZEN]], ids=["fp32", "qat"])
+def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teacher, recipe):
+    """Killed after the state of update 4 (with QAT: after its observers froze at update 3), relaunched with the
+    same command: the resumed updates give the uninterrupted run's losses, and its weights (and scales)."""
     config = "configs/debug/tiny_distill.yaml"
     overrides = [
+        *recipe,
         f"teacher.checkpoint={tiny_teacher}",
+        "teacher.allow_factory=true",
         "model.source=factory",
         "model.name=tests.factories:tiny_convnet",
         "data.image_size=16",
@@ -154,21 +211,7 @@ def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teac
 
     run = tmp_path / "killed"
     args = launch_args("ddp.yaml", "train/distill.py", config, *overrides, f"train.output_dir={run}")
-    env = dict(os.environ, **ENV, PYTHONUNBUFFERED="1")
-    victim = subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 300
-    while not (run / "state" / "step_00000004" / "slimforge_state.json").exists():
-        assert victim.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    for pid in descendants(victim.pid):  # the launcher, both ranks and their DataLoader workers, mid-run
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    victim.wait()
+    sigkill_once(args, run / "state" / "step_00000004")
     assert not (run / "checkpoint").exists(), "killed before the end"
     killed_at = max(train_losses(run))
 
@@ -191,27 +234,20 @@ def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teac
 def test_deepspeed_run_resumes_from_its_sharded_state(tmp_path, tiny_teacher, launch_config):
     """A ZeRO run that died after the state of update 4 continues, from DeepSpeed's sharded model and optimizer
     files and every rank's RNG, onto the uninterrupted run's losses and final weights."""
-    config = "configs/debug/tiny_equivalence.yaml"
     out = tmp_path / "run"
-    common = [
-        f"teacher.checkpoint={tiny_teacher}",
-        f"train.output_dir={out}",
-        "data.batch_size=16",
-        "data.augment=true",
-        "train.max_steps=8",
-        "train.log_every=1",
-        "train.checkpoint_every=4",
-    ]
-    proc = launch(launch_config, "train/distill.py", config, *common)
+    common = ["data.batch_size=16", "data.augment=true", "train.max_steps=8", "train.log_every=1"]
+    common += ["train.checkpoint_every=4"]
+    proc = distill_tiny(launch_config, tiny_teacher, out, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected, reference = train_losses(out), weights(out / "checkpoint")
     state = out / "state" / "step_00000004"
     assert any(state.glob("pytorch_model*/*optim_states.pt")), "DeepSpeed's sharded optimizer state"
     # As if the run had died between the state of update 4 and the end.
     shutil.rmtree(out / "checkpoint")
+    shutil.rmtree(out / "state" / "step_00000008")
     (out / "summary.json").unlink()
 
-    proc = launch(launch_config, "train/distill.py", config, *common)
+    proc = distill_tiny(launch_config, tiny_teacher, out, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 4
     got = train_losses(out)  # the resumed updates 5..8 were appended to metrics.jsonl, the later values win
@@ -222,57 +258,76 @@ def test_deepspeed_run_resumes_from_its_sharded_state(tmp_path, tiny_teacher, la
 
 def test_missing_rng_state_on_resume_is_an_error(tmp_path, tiny_teacher):
     """A state folder without a rank's RNG file is refused, not resumed with a warning."""
-    config = "configs/debug/tiny_equivalence.yaml"
     out = tmp_path / "run"
-    common = [
-        f"teacher.checkpoint={tiny_teacher}",
-        f"train.output_dir={out}",
-        "train.checkpoint_every=2",
-        "train.max_steps=4",
-    ]
-    proc = launch("single.yaml", "train/distill.py", config, *common)
+    common = ["train.checkpoint_every=2", "train.max_steps=4"]
+    proc = distill_tiny("single.yaml", tiny_teacher, out, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     states = sorted((out / "state").iterdir())
     assert states, "no resumable state was written"
     (states[-1] / "random_states_0.pkl").unlink()
     (out / "checkpoint").rename(out / "old_checkpoint")  # as if the run had died before finishing
-    proc = launch("single.yaml", "train/distill.py", config, *common)
+    proc = distill_tiny("single.yaml", tiny_teacher, out, *common)
     assert proc.returncode != 0  # the entry exits 2; `accelerate launch` reports any failure as 1
     assert "is missing random_states_0.pkl" in proc.stderr and "fix: " in proc.stderr
 
 
-@pytest.mark.slow
-def test_two_node_launch_with_the_multinode_template(tmp_path, tiny_teacher):
+def launch_two_nodes(teacher: Path, outs: tuple[Path, Path]) -> list[subprocess.CompletedProcess]:
     """The README's two-node command, both "nodes" on this machine: one launcher per node, one process each,
-    rendezvous on node 0's address. The ranks are on different nodes (local rank 0 each) and stay in sync."""
+    rendezvous on node 0's address; node ``i`` writes to ``outs[i]``."""
     port = str(free_port())
-    out = tmp_path / "run"
     overrides = [
-        f"teacher.checkpoint={tiny_teacher}",
+        f"teacher.checkpoint={teacher}",
+        "teacher.allow_factory=true",
         "model.source=factory",
         "model.name=tests.factories:tiny_convnet",
         "data.image_size=16",
         "train.epochs=1",
         "train.record_samples=true",
         "train.tensorboard=false",
-        f"train.output_dir={out}",
     ]
     env = dict(os.environ, **ENV, PYTHONUNBUFFERED="1")
     nodes = []
-    for node_rank in ("0", "1"):
-        launcher = ("--num_machines", "2", "--num_processes", "2", "--machine_rank", node_rank)
+    for node_rank, out in enumerate(outs):
+        launcher = ("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(node_rank))
         launcher += ("--main_process_ip", "127.0.0.1", "--main_process_port", port)
         args = launch_args(
-            "multinode.yaml", "train/distill.py", "configs/debug/tiny_distill.yaml", *overrides, launcher=launcher
+            "multinode.yaml",
+            "train/distill.py",
+            "configs/debug/tiny_distill.yaml",
+            *overrides,
+            f"train.output_dir={out}",
+            launcher=launcher,
         )
         nodes.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = [p.communicate(timeout=600)[0].decode() for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in nodes]
+    return [subprocess.CompletedProcess(p.args, p.returncode, text) for p, text in zip(nodes, outputs, strict=True)]
+
+
+@pytest.mark.slow
+def test_two_node_launch_with_the_multinode_template(tmp_path, tiny_teacher):
+    """Two nodes sharing the output folder: the ranks are on different nodes (local rank 0 each) and stay in
+    sync."""
+    out = tmp_path / "run"
+    logs = launch_two_nodes(tiny_teacher, (out, out))
+    assert [p.returncode for p in logs] == [0, 0], logs[0].stdout[-3000:] + logs[1].stdout[-3000:]
     topology = json.loads((out / "summary.json").read_text())["topology"]
     assert topology["world_size"] == 2
     assert [(r["rank"], r["local_rank"]) for r in topology["ranks"]] == [(0, 0), (1, 0)]
     digests = {json.loads((out / "ranks" / f"rank{r}.json").read_text())["state_sha256"] for r in (0, 1)}
     assert len(digests) == 1
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_output_folder_stop_with_one_message(tmp_path, tiny_teacher):
+    """Each node writes to a folder the other cannot see (a node-local disk): every rank stops before training,
+    and rank 0 names the rank and host that cannot see its folder."""
+    outs = (tmp_path / "node0" / "run", tmp_path / "node1" / "run")
+    logs = launch_two_nodes(tiny_teacher, outs)
+    assert all(p.returncode != 0 for p in logs)
+    text = logs[0].stdout
+    assert text.count(f"error: train.output_dir {outs[0]} is not shared: rank 1 on ") == 1, text[-3000:]
+    assert "fix: put train.output_dir on a filesystem every node mounts" in text
+    assert not any((o / "checkpoint").exists() or (o / "metrics.jsonl").exists() for o in outs)
 
 
 def train_records(run: Path) -> list[dict]:
@@ -286,6 +341,7 @@ def test_deepspeed_clips_exactly_as_the_run_config_says(tmp_path, tiny_teacher):
     config = "configs/debug/tiny_equivalence.yaml"
     common = [
         f"teacher.checkpoint={tiny_teacher}",
+        "teacher.allow_factory=true",
         "data.batch_size=16",
         "model.kwargs={width: 64}",
         "train.log_every=1",

@@ -14,23 +14,21 @@ from slimforge.export.export import main as export_main
 from slimforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slimforge.train.errors import CheckpointError
 from tests.conftest import make_checkpoint
-from tests.integration.test_distributed import launch, tiny_teacher  # noqa: F401  (fixture)
+from tests.integration.test_distributed import distill_tiny, tiny_teacher  # noqa: F401  (fixture)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launch_config", ["single.yaml", "ddp.yaml", "zero2.yaml"])
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, tiny_teacher, launch_config):  # noqa: F811
     out = tmp_path / "run"
-    proc = launch(
+    proc = distill_tiny(
         launch_config,
-        "train/distill.py",
-        "configs/debug/tiny_equivalence.yaml",
-        f"teacher.checkpoint={tiny_teacher}",
+        tiny_teacher,
+        out,
         f"data.batch_size={32 if launch_config == 'single.yaml' else 16}",
         "optim.lr=1e6",
         "train.log_every=1",
         "train.max_steps=40",
-        f"train.output_dir={out}",
         timeout=300,
     )
     assert proc.returncode != 0

@@ -50,8 +50,11 @@ class RecipeRun:
 
     def check_topology(self, accelerator) -> None:
         """Refuses a step the launched topology cannot run (before any output exists)."""
+        weights = "float32"  # DeepSpeed's fp16 mode holds the module (weights and buffers) in fp16; bf16 is autocast
+        if _zero_stage(accelerator) is not None and str(accelerator.mixed_precision) == "fp16":
+            weights = "float16"
         for m in self.methods:
-            why = m.check_topology(str(accelerator.distributed_type), _zero_stage(accelerator))
+            why = m.check_topology(str(accelerator.distributed_type), _zero_stage(accelerator), weights)
             if why:
                 raise SlimforgeError(
                     f"compress step {m.name!r} cannot run under {accelerator.distributed_type}"

@@ -25,16 +25,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _check_outputs(cfg: RunConfig, distill: bool) -> Path:
-    out = Path(cfg.train.output_dir)
-    if (out / "checkpoint").exists() and not cfg.train.overwrite:
-        raise SlimforgeError(
-            f"{out / 'checkpoint'} already holds a finished run",
-            "choose another train.output_dir or set train.overwrite=true",
-        )
-    if distill and cfg.teacher is None:
-        raise SlimforgeError("distill.py needs a teacher", "set teacher.checkpoint=<teacher run>/checkpoint")
-    return out
+def _dropout_probe() -> str:
+    """A digest of the dropout mask this rank's RNG would draw next (drawn on a forked RNG: nothing consumed)."""
+    import hashlib
+
+    with torch.random.fork_rng(devices=[]):
+        mask = torch.nn.functional.dropout(torch.ones(256), p=0.5)
+    return hashlib.sha256(mask.numpy().tobytes()).hexdigest()[:16]
 
 
 def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
@@ -57,6 +54,14 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from slimforge.train.engine.compression import RecipeRun, calibration_batches
     from slimforge.train.engine.evaluate import evaluate
     from slimforge.train.engine.metrics import ComputeDtypeProbe, MetricsLog, ThroughputMeter
+    from slimforge.train.engine.outputs import newest_state, prepare_run_folder
+    from slimforge.train.engine.precision import (
+        buffers_in_weight_precision,
+        deepspeed_autocast,
+        describe_numerics,
+        keep_configured_optimizer,
+        match_input_dtype,
+    )
     from slimforge.train.engine.replicas import check_replicas_in_sync
     from slimforge.train.engine.save import save_final
     from slimforge.train.engine.step import DivergenceGuard, train_step
@@ -70,10 +75,12 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from slimforge.train.models.load import load_or_build
     from slimforge.train.optim import build_optimizer, build_scheduler, scaled_lr
     from slimforge.train.placement import place_teacher
-    from slimforge.train.state import load_train_state, save_train_state
+    from slimforge.train.state import clear_states, fingerprint, load_train_state, save_train_state
     from slimforge.train.task import DistillationTask, SupervisedTask, freeze_
 
-    out = _check_outputs(cfg, distill)
+    out = Path(cfg.train.output_dir)
+    if distill and cfg.teacher is None:
+        raise SlimforgeError("distill.py needs a teacher", "set teacher.checkpoint=<teacher run>/checkpoint")
     logging.basicConfig(
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -94,6 +101,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
 
     accelerator = build_accelerator(cfg.train)
     set_gradient_clipping(accelerator, cfg.optim.grad_clip)
+    keep_configured_optimizer(accelerator)
     recipe.check_topology(accelerator)
     if distill and cfg.train.teacher_placement == "sharded" and accelerator.num_processes < 2:
         raise SlimforgeError(
@@ -107,16 +115,21 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             f"{cfg.data.batch_size} × {accelerator.num_processes} processes",
             "lower data.batch_size or use more data",
         )
+    prepare_run_folder(accelerator, out, cfg.train.overwrite)  # rank 0 decides, every rank follows
     if recipe:  # compression acts on the bare model, before any wrapper
         example = torch.zeros(1, *info["input_size"])
         batches = calibration_batches(splits.train, cfg.data)
         student = recipe.prepare(student, example, batches, accelerator.device, teacher)
     topology = describe_topology(accelerator, cfg)
     lr = scaled_lr(cfg.optim, topology["global_batch"])
-    optimizer = build_optimizer(student, cfg.optim, lr)
+    configured = build_optimizer(student, cfg.optim, lr)
     train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed)
     val_loader = build_loader(splits.val, cfg.data, is_training=False)
-    student, optimizer, train_loader, val_loader = accelerator.prepare(student, optimizer, train_loader, val_loader)
+    if not deepspeed_autocast(accelerator):
+        buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics too
+    student, optimizer, train_loader, val_loader = accelerator.prepare(student, configured, train_loader, val_loader)
+    topology.update(describe_numerics(accelerator, student, optimizer, configured, cfg.train.mixed_precision))
+    match_input_dtype(accelerator.unwrap_model(student))  # DeepSpeed's fp16 student takes fp16 inputs
     updates_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)  # the last partial one steps too
     total_steps = cfg.train.epochs * updates_per_epoch
     if cfg.train.max_steps is not None:
@@ -132,8 +145,18 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         task = SupervisedTask(cfg.loss)
 
     position = {"step": 0, "epoch": 0, "batch": 0}
-    resumed = load_train_state(accelerator, out / "state") if cfg.train.resume else None
-    if resumed is not None:
+    run_print = fingerprint(cfg, accelerator)
+    resumed = None
+    if cfg.train.resume and not cfg.train.overwrite:
+        newest = newest_state(accelerator, out / "state")  # rank 0's choice, seen by every rank
+        resumed = load_train_state(accelerator, newest, run_print) if newest is not None else None
+    else:
+        clear_states(accelerator, out / "state")
+    if resumed is None:
+        # Dropout and drop-path masks differ per rank; data order and augmentation have their own seeds
+        # (data.py), the same on every rank, and the weights were initialised above from the shared seed.
+        torch.manual_seed(cfg.train.seed + accelerator.process_index)
+    else:
         position = {k: resumed[k] for k in position}
         scheduler.last_epoch = position["step"]  # the LR is a pure function of the update count
         scheduler.step(position["step"])
@@ -150,8 +173,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     log_topology(topology, cfg, lr, total_steps, distill)
 
     def save_state() -> None:
-        save_train_state(accelerator, out / "state", dict(position), keep=cfg.train.keep_states)
+        save_train_state(accelerator, out / "state", dict(position), cfg.train.keep_states, run_print)
 
+    dropout_probe = _dropout_probe()
     seen: list[list[int]] = []
     history: list[float] = []
     digest = ""
@@ -194,7 +218,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
                 record.update(step=step, epoch=epoch + 1, split="train", lr=scheduler.get_last_lr()[0])
                 metrics.log(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 save_state()
         bar.close()
         val = evaluate(student, val_loader, accelerator)
@@ -205,8 +229,12 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         logger.info("epoch %d: val acc %.4f, val loss %.4f (%d images)", epoch + 1, val["acc"], val["loss"], val["n"])
         digest = check_replicas_in_sync(student, accelerator)
         position.update(epoch=epoch + 1, batch=0)
-        if cfg.train.checkpoint_every and step < total_steps:
-            save_state()
+        if cfg.train.checkpoint_every and step < total_steps and step % cfg.train.checkpoint_every:
+            save_state()  # the epoch's end, unless its last update was just saved
+
+    if not history:  # resumed from the state of the last update: nothing left to train, evaluate what it holds
+        history.append(evaluate(student, val_loader, accelerator)["acc"])
+        digest = check_replicas_in_sync(student, accelerator)
 
     summary: dict[str, Any] = {
         "mode": "distill" if distill else "train",
@@ -235,7 +263,12 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     if cfg.train.record_samples:
         ranks = out / "ranks"
         ranks.mkdir(parents=True, exist_ok=True)
-        record = {"rank": accelerator.process_index, "indices_per_epoch": seen, "state_sha256": digest}
+        record = {
+            "rank": accelerator.process_index,
+            "indices_per_epoch": seen,
+            "state_sha256": digest,
+            "dropout_mask_sha256": dropout_probe,
+        }
         (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
     recipe.convert(accelerator.unwrap_model(student))  # in place, on every rank, before the state is gathered
     spec.recipe = recipe.recipe()

@@ -20,7 +20,8 @@ def save_final(
 ) -> Path:
     """Writes ``out/checkpoint`` (atomically) and ``out/summary.json`` from the main process.
 
-    A collective: under DeepSpeed ZeRO-3 / FSDP ``get_state_dict`` gathers the shards, so every rank calls it.
+    A collective: under DeepSpeed / FSDP the weights are gathered from the shards, so every rank calls it. Under
+    DeepSpeed the saved weights are its FP32 masters, whatever precision the module was trained in.
 
     Args:
         accelerator: The run's ``Accelerator``.
@@ -34,10 +35,11 @@ def save_final(
         The checkpoint folder.
     """
     from slimforge.train.checkpoint import non_finite
+    from slimforge.train.engine.precision import final_state_dict
     from slimforge.train.engine.step import DivergenceError
 
     final = out / "checkpoint"
-    state = accelerator.get_state_dict(model)
+    state = final_state_dict(accelerator, model)  # DeepSpeed: its FP32 masters
     bad = non_finite(state) if accelerator.is_main_process else []
     if accelerator.num_processes > 1:  # every rank learns rank 0's verdict, so none waits for the others
         from accelerate.utils import broadcast_object_list

@@ -20,9 +20,20 @@ logger = logging.getLogger(__name__)
 
 def build_accelerator(cfg: TrainConfig):
     """An ``Accelerator`` for the launched topology, on CPU (gloo) when no GPU is present."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
+    from slimforge.train.engine.outputs import cuda_unusable_reason
+
+    broken = None if cfg.cpu else cuda_unusable_reason()
+    if broken is not None:
+        raise SlimforgeError(
+            f"{broken}: this run would train on the CPU instead",
+            "fix the node's CUDA setup (nvidia-smi works, torch.cuda.is_available() is True: a torch build for the "
+            "driver's CUDA version), or set train.cpu=true to train on the CPU on purpose",
+        )
     on_cpu = cfg.cpu or not torch.cuda.is_available()
     if on_cpu and cfg.mixed_precision == "fp16":
         raise SlimforgeError(
@@ -32,7 +43,8 @@ def build_accelerator(cfg: TrainConfig):
     # Without an explicit gloo backend on CPU, DeepSpeed launches see num_processes=1 while the world is 2
     # ; DDP on CPU picks gloo either way.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and multi_process else []
+    timeout = timedelta(seconds=cfg.collective_timeout_s)
+    handlers = [InitProcessGroupKwargs(backend="gloo" if on_cpu and multi_process else "nccl", timeout=timeout)]
     # cpu=True would turn a DeepSpeed launch into plain MULTI_CPU; DeepSpeed picks its CPU accelerator itself.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
@@ -112,6 +124,20 @@ def set_gradient_clipping(accelerator, grad_clip: float | None) -> None:
     plugin.deepspeed_config["gradient_clipping"] = wanted
 
 
+def _collective_timeout(device: torch.device) -> float | None:
+    """The timeout the default process group really runs with, in seconds (None without one, or where this torch
+    does not expose it)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device(device.type))
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
     """What took effect, gathered from every rank (a collective), for the log and summary.json."""
     import socket
@@ -133,6 +159,7 @@ def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
         "host": socket.gethostname(),
         "device": str(accelerator.device),
         "threads": torch.get_num_threads(),
+        "collective_timeout_s": _collective_timeout(accelerator.device),
     }
     accum = cfg.train.grad_accum_steps
     return {
@@ -146,6 +173,7 @@ def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
         "grad_clip": cfg.optim.grad_clip,
         "clipped_by": "DeepSpeed" if plugin is not None else "Accelerate (clip_grad_norm_)",
         "teacher_placement": cfg.train.teacher_placement,
+        "collective_timeout_s": cfg.train.collective_timeout_s,
         "ranks": gather_object([rank]),
     }
 
@@ -154,7 +182,8 @@ def log_topology(topology: dict[str, Any], cfg: RunConfig, lr: float, total_step
     """Logs what took effect: one line for the run, one per rank."""
     logger.info(
         "%s: %s, world size %d, micro-batch %d/rank × %d accumulation = global batch %d, sharding %s, "
-        "mixed precision %s, gradient clipping %s (%s), teacher %s, peak LR %.3g (%s scaling from %g at batch %d), "
+        "mixed precision %s (%s; weights %s, master weights %s), optimizer %s, gradient clipping %s (%s), teacher %s, "
+        "peak LR %.3g (%s scaling from %g at batch %d), "
         "%d updates",
         "distillation" if distill else "training",
         topology["distributed_type"],
@@ -164,6 +193,10 @@ def log_topology(topology: dict[str, Any], cfg: RunConfig, lr: float, total_step
         topology["global_batch"],
         topology["sharding"],
         topology["mixed_precision"],
+        topology["precision_mode"],
+        topology["weights"],
+        topology["master_weights"],
+        topology["optimizer"],
         topology["grad_clip"] if topology["grad_clip"] is not None else "none",
         topology["clipped_by"],
         topology["teacher_placement"] if distill else "none",
@@ -175,10 +208,11 @@ def log_topology(topology: dict[str, Any], cfg: RunConfig, lr: float, total_step
     )
     for r in topology["ranks"]:
         logger.info(
-            "rank %d (local %d) on %s: device %s, %d threads",
+            "rank %d (local %d) on %s: device %s, %d threads, collective timeout %s s",
             r["rank"],
             r["local_rank"],
             r["host"],
             r["device"],
             r["threads"],
+            r["collective_timeout_s"],
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -25,6 +25,8 @@ from torch import nn
 from slimforge.train.errors import ModelError, first_line
 
 logger = logging.getLogger(__name__)
+
+SOURCES = ("timm", "torchvision", "factory")
 
 
 @dataclass
@@ -44,6 +46,10 @@ class ModelConfig:
     """A slimforge checkpoint directory to load architecture and weights from (e.g. a trained teacher)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the factory, e.g. ``{drop_rate: 0.1}`` or ``{img_size: 32, patch_size: 4}``."""
+    allow_factory: bool = False
+    """Let ``checkpoint`` load a model whose recorded architecture is a user factory (``source: factory``):
+    rebuilding it imports and runs the Python function the checkpoint names, so it is refused unless set. A model
+    built from ``source: factory`` and ``name`` in this config runs the function the config itself names."""
 
     def validate(self) -> list[str]:
         p = []
@@ -89,6 +95,32 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        """The spec a model description (a checkpoint's ``slimforge.json`` ``model``) holds.
+
+        Raises:
+            ModelError: a field is unknown, missing or of the wrong kind, or the source is not one slimforge builds.
+        """
+        fix = "it was written by another slimforge version or edited by hand: re-create it with this version"
+        if not isinstance(d, dict):
+            raise ModelError(f"the model description is {type(d).__name__}, not a mapping", fix)
+        known = [f.name for f in fields(cls)]
+        problems = [f"unknown field {k!r}" for k in d if k not in known]
+        problems += [
+            f"missing field {f.name!r}"
+            for f in fields(cls)
+            if f.name not in d and f.default is MISSING and f.default_factory is MISSING
+        ]
+        if "source" in d and d["source"] not in SOURCES:
+            problems.append(f"unknown model source {d['source']!r} (slimforge builds {', '.join(SOURCES)})")
+        if "name" in d and not isinstance(d["name"], str):
+            problems.append(f"name {d['name']!r} is not a string")
+        if "num_classes" in d and not (isinstance(d["num_classes"], int) and d["num_classes"] >= 1):
+            problems.append(f"num_classes {d['num_classes']!r} is not a positive integer")
+        size = d.get("input_size", [1, 1, 1])
+        if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
+            problems.append(f"input_size {size!r} is not [C, H, W]")
+        if problems:
+            raise ModelError(f"the model description has {'; '.join(problems)}", fix + f" (known fields: {known})")
         return cls(**d)
 
 
@@ -144,9 +176,71 @@ def _create_factory(name: str, num_classes: int, in_chans: int, pretrained: bool
 
 _SOURCES = {"timm": _create_timm, "torchvision": _create_torchvision, "factory": _create_factory}
 
+FACTORY_OPT_IN = (
+    "load it with allow_factory (train/distill.py: model.allow_factory=true or teacher.allow_factory=true; "
+    "export/export.py and export/benchmark.py: --allow-factory)"
+)
+
+
+def check_factory(spec: ModelSpec, allowed: bool, where: str, opt_in: str = FACTORY_OPT_IN) -> None:
+    """Refuses to rebuild a model described as a user factory unless the user opted in: a checkpoint or an artifact
+    is data, and rebuilding a factory model imports and calls the Python function its description names.
+
+    Args:
+        spec: The description read from the checkpoint or artifact.
+        allowed: The user's opt-in (``allow_factory`` / ``--allow-factory``).
+        where: What holds the description, for the message (e.g. ``"teacher checkpoint runs/t/checkpoint"``).
+        opt_in: How this caller's user opts in, for the fix.
+
+    Raises:
+        ModelError: ``spec`` names a factory and ``allowed`` is false.
+    """
+    if spec.source == "factory" and not allowed:
+        raise ModelError(
+            f"{where} was built by the user factory {spec.name!r}: rebuilding it imports and runs that Python code, "
+            "which slimforge does only when asked to",
+            f"if you trust that code, {opt_in}",
+        )
+
+
+def _show(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def check_class_names(found: list[str], expected: list[str], subject: str, labels: tuple[str, str], fix: str) -> None:
+    """Refuses class names that differ from the expected ones, or the same names in another order: a logit index
+    means the class at that position, so two lists that differ anywhere make every comparison between them wrong.
+    An empty list (a model description that records no names) is not compared.
+
+    Args:
+        found: The names ``subject`` carries (a checkpoint's or an artifact's description).
+        expected: The names it is compared with (the data's, or the teacher's).
+        subject: What carries ``found``, e.g. ``"teacher checkpoint runs/t/checkpoint"``.
+        labels: Short names of the two sides, e.g. ``("teacher", "dataset")``.
+        fix: What the user should do.
+
+    Raises:
+        ModelError: naming the first position that differs and both lists.
+    """
+    found, expected = list(found), list(expected)
+    if not found or not expected or found == expected:
+        return
+    a, b = labels
+    if len(found) != len(expected):
+        where = f"{len(found)} classes in the {a}, {len(expected)} in the {b}"
+    else:
+        i = next(i for i, (x, y) in enumerate(zip(found, expected)) if x != y)
+        same = " (the same names in another order)" if sorted(found) == sorted(expected) else ""
+        where = f"position {i} is {found[i]!r} in the {a}, {expected[i]!r} in the {b}{same}"
+    lists = f"\n  {a}: {_show(found)}\n  {b}: {_show(expected)}"
+    raise ModelError(f"{subject} names its classes differently from the {b}: {where}{lists}", fix)
+
 
 def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
     """Builds the bare architecture ``spec`` describes (weights random unless ``pretrained``)."""
+    if spec.source not in _SOURCES:
+        raise ModelError(f"unknown model source {spec.source!r}", f"use one of {', '.join(_SOURCES)}")
     try:
         return _SOURCES[spec.source](spec.name, spec.num_classes, spec.in_chans, pretrained, dict(spec.kwargs))
     except ModelError:

@@ -8,7 +8,14 @@ from typing import Any
 from torch import nn
 
 from slimforge.train.errors import ModelError
-from slimforge.train.models import ModelConfig, ModelSpec, build_model, check_input, resolve_num_classes
+from slimforge.train.models import (
+    ModelConfig,
+    ModelSpec,
+    build_model,
+    check_class_names,
+    check_input,
+    resolve_num_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +29,8 @@ def load_or_build(
     class_names: list[str],
 ) -> tuple[nn.Module, ModelSpec]:
     """A bare model in train mode and its spec: from ``cfg.checkpoint`` (architecture, recipe and weights) or from
-    ``cfg.name``, checked against the dataset it will be trained or evaluated on.
+    ``cfg.name``, checked against the dataset it will be trained or evaluated on: class count, class names and their
+    order, input channels. A checkpoint of a user-factory model loads only with ``cfg.allow_factory``.
 
     Args:
         cfg: The ``model`` or ``teacher`` section.
@@ -33,14 +41,16 @@ def load_or_build(
         class_names: The dataset's class names.
 
     Raises:
-        ModelError / CheckpointError: the model cannot be built, or does not fit the data.
+        ModelError / CheckpointError: the model cannot be built, does not fit the data, or is a user-factory
+            checkpoint without ``allow_factory``.
     """
     from slimforge.train.checkpoint import load_checkpoint
 
     resolve_num_classes(cfg, num_classes, role)
     if cfg.checkpoint is None:
         return build_model(cfg, num_classes, input_size, data_info, class_names)
-    model, spec, _ = load_checkpoint(cfg.checkpoint)
+    opt_in = f"set {role}.allow_factory=true"
+    model, spec, _ = load_checkpoint(cfg.checkpoint, allow_factory=cfg.allow_factory, opt_in=opt_in)
     if cfg.name is not None and (cfg.name != spec.name or cfg.source != spec.source):
         raise ModelError(
             f"{role}.name is {cfg.source} {cfg.name!r} but {cfg.checkpoint} holds {spec.source} {spec.name!r}",
@@ -51,6 +61,15 @@ def load_or_build(
             f"{role} checkpoint {cfg.checkpoint} has {spec.num_classes} classes but the dataset has {num_classes}",
             "distil on the dataset the teacher was trained on, or train a teacher for this dataset first",
         )
+    check_class_names(
+        spec.class_names,
+        class_names,
+        f"{role} checkpoint {cfg.checkpoint}",
+        ("checkpoint", "dataset"),
+        "use the dataset the checkpoint was trained on, with the same classes in the same order (an image folder's "
+        f"classes are its subfolder names, sorted), or train {'a teacher' if role == 'teacher' else 'it'} on this data",
+    )
+    spec.class_names = spec.class_names or list(class_names)  # an older checkpoint's model records the data's
     if spec.in_chans != input_size[0]:
         raise ModelError(
             f"{role} checkpoint {cfg.checkpoint} takes {spec.in_chans}-channel images, data.in_chans is "

@@ -200,7 +200,9 @@ def test_export_entry_fails_when_the_trace_does_not_generalise(checkpoint_factor
     (out / "model.ts").write_bytes(b"stale artifact of an earlier run")
 
     argv = ["--checkpoint", str(ckpt), "--out", str(out), "--formats", "torchscript", "--max-images", "40"]
-    assert export_main(argv) == 1
+    assert export_main(argv) == 2  # a factory checkpoint is code: refused without the opt-in
+    assert "user factory 'branchy_model:make'" in capsys.readouterr().err
+    assert export_main([*argv, "--allow-factory"]) == 1
     err = capsys.readouterr().err
     assert "torchscript artifact FAILED its parity check (kept as model.ts.failed)" in err and "top-1 agreement" in err
     assert not (out / "model.ts").exists() and (out / "model.ts.failed").is_file()

@@ -104,3 +104,80 @@ def test_a_crash_mid_write_leaves_nothing_that_looks_complete(tmp_path, monkeypa
     with pytest.raises(OSError):
         save_checkpoint({"w": torch.zeros(1)}, ModelSpec("timm", "resnet10t", 10, [1, 32, 32]), target)
     assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m: m["model"].update(colour="red"), "unknown field 'colour'"),
+        (lambda m: m["model"].update(source="keras"), "unknown model source 'keras' (slimforge builds timm, "),
+        (lambda m: m["model"].pop("input_size"), "missing field 'input_size'"),
+        (lambda m: m["weights"].update(file="../other/model.safetensors"), "names weights file '../other/"),
+    ],
+    ids=["unknown_field", "unknown_source", "missing_field", "weights_outside"],
+)
+def test_a_description_this_slimforge_cannot_read_is_refused_by_name(tmp_path, edit, needle):
+    path = make_checkpoint(tmp_path / "ckpt")
+    meta = json.loads((path / META).read_text())
+    edit(meta)
+    (path / META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert info.value.problem.startswith(f"checkpoint {path}") and needle in info.value.problem
+    assert info.value.fix
+
+
+SENTINEL_FACTORY = """
+import pathlib
+from torch import nn
+
+pathlib.Path(__file__).with_suffix(".imported").open("a").write("x")  # counts every import of this module
+
+
+def make(num_classes, in_chans):
+    return nn.Sequential(nn.Conv2d(in_chans, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+"""
+
+
+def test_a_factory_checkpoint_runs_its_code_only_when_allowed(tmp_path, monkeypatch):
+    """A checkpoint is data: one whose architecture is a user factory is refused before its module is imported,
+    and loads when the caller opts in."""
+    import sys
+
+    module = tmp_path / "sentinel_factory.py"
+    module.write_text(SENTINEL_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = make_checkpoint(tmp_path / "ckpt", name="sentinel_factory:make", source="factory")
+    imports = tmp_path / "sentinel_factory.imported"
+    assert imports.read_text() == "x"  # building it imported the factory once
+    monkeypatch.delitem(sys.modules, "sentinel_factory")
+
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, opt_in="pass --allow-factory")
+    assert info.value.problem == (
+        f"checkpoint {path} was built by the user factory 'sentinel_factory:make': rebuilding it imports and runs "
+        "that Python code, which slimforge does only when asked to"
+    )
+    assert info.value.fix == "if you trust that code, pass --allow-factory"
+    assert imports.read_text() == "x" and "sentinel_factory" not in sys.modules  # refused before any import
+
+    model, spec, _ = load_checkpoint(path, allow_factory=True)
+    assert spec.source == "factory" and imports.read_text() == "xx"
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+
+
+def test_a_factory_teacher_loads_only_with_its_allow_factory_key(tmp_path):
+    from slimforge.train.data import describe
+    from slimforge.train.models import ModelConfig
+    from slimforge.train.models.load import load_or_build
+    from tests.conftest import DIGITS, tiny_data_config
+
+    path = make_checkpoint(tmp_path / "ckpt", name="tests.factories:tiny_convnet", source="factory")
+    info = describe(tiny_data_config())
+    shape = (10, info["input_size"], info, DIGITS)
+    with pytest.raises(CheckpointError) as refused:
+        load_or_build(ModelConfig(checkpoint=str(path)), "teacher", *shape)
+    assert "user factory 'tests.factories:tiny_convnet'" in refused.value.problem
+    assert refused.value.fix == "if you trust that code, set teacher.allow_factory=true"
+    model, spec = load_or_build(ModelConfig(checkpoint=str(path), allow_factory=True), "teacher", *shape)
+    assert spec.name == "tests.factories:tiny_convnet" and spec.class_names == DIGITS

@@ -43,6 +43,15 @@ def test_literal_and_bool_types_are_strict():
     assert "train.overwrite: expected bool, got str 'yes'" in text
 
 
+def test_a_bare_no_reads_as_the_option_no(tmp_path):
+    """YAML 1.1 reads ``mixed_precision: no`` (and the override ``train.mixed_precision=no``) as False; the option
+    the user wrote is 'no'. Other values of the wrong kind stay errors."""
+    cfg = load_config(RunConfig, None, ["model.name=r", "train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision: True is not one of"):
+        from_dict(RunConfig, {"model": {"name": "r"}, "train": {"mixed_precision": True}})
+
+
 def test_yaml_scientific_notation_is_accepted_for_floats_only():
     cfg = from_dict(RunConfig, {"model": {"name": "r"}, "optim": {"lr": "1e-3"}})
     assert cfg.optim.lr == pytest.approx(1e-3)
@@ -88,3 +97,24 @@ def test_yaml_tags_are_refused(tmp_path):
 def test_unknown_compression_method_is_a_config_error():
     with pytest.raises(ConfigError, match=r"compress\[0\].method: unknown compression method 'magic'"):
         from_dict(RunConfig, {"model": {"name": "r"}, "compress": [{"method": "magic"}]})
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (
+            "model.name=!!python/object/apply:os.system ['echo hi']",
+            "tag !!python/object/apply:os.system is not allowed",
+        ),
+        ("model.kwargs=!!python/name:os.system", "tag !!python/name:os.system is not allowed"),
+        ("compress=[{method: qat", "expected ',' or '}', but got '<stream end>' at character 14"),
+        ("model.name=a: b: c", "mapping values are not allowed here"),
+    ],
+    ids=["python_object_tag", "python_name_tag", "unclosed_list", "colon_in_text"],
+)
+def test_an_override_that_is_not_plain_yaml_is_a_config_error(override, needle):
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({}, ["optim.lr=0.1", override])
+    (problem,) = info.value.problems
+    assert problem.startswith(f"override {override!r}: the value is not plain YAML") and needle in problem
+    assert "plain YAML value" in info.value.fix

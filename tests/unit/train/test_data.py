@@ -57,3 +57,26 @@ def test_synthetic_data_is_seeded():
     cfg = DataConfig(source="synthetic", synthetic_samples=40, synthetic_classes=4, image_size=8)
     a, b = load_splits(cfg), load_splits(cfg)
     assert a.num_classes == 4 and a.train["label"] == b.train["label"]
+
+
+@pytest.mark.parametrize("folder", ["validation", "val"])
+def test_an_image_folder_validates_on_its_validation_subfolder(tmp_path, caplog, folder):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), (folder, 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                image = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / split / cls / f"{split}{i}.png")
+    cfg = DataConfig(source="imagefolder", path=str(tmp_path), image_size=8)
+    with caplog.at_level("INFO", logger="slimforge.train.data"):
+        splits = load_splits(cfg)
+    assert (len(splits.train), len(splits.val)) == (12, 4)  # all of train/, none of it held out
+    assert splits.class_names == ["cat", "dog"]
+    assert "validation: 4 images from split 'validation'" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="slimforge.train.data"):
+        held_out = load_splits(DataConfig(source="imagefolder", path=str(tmp_path / "train"), image_size=8))
+    assert (len(held_out.train), len(held_out.val)) == (9, 3)  # no validation folder: 20 % held out, and said so
+    assert "validation: 3 images held out of split 'train' (data.val_fraction 0.2)" in caplog.text

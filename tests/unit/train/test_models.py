@@ -74,3 +74,32 @@ def test_num_classes_must_match_the_dataset():
 def test_bad_factory_is_reported():
     with pytest.raises(ModelError, match="cannot import model factory"):
         build_model(ModelConfig(source="factory", name="tests.nowhere:fn"), 10, (1, 8, 8))
+
+
+def test_class_names_in_another_order_are_refused_at_the_first_difference():
+    from slimforge.train.models import check_class_names
+
+    check_class_names(["cat", "dog"], ["cat", "dog"], "teacher checkpoint t", ("teacher", "dataset"), "fix")
+    check_class_names([], ["cat", "dog"], "teacher checkpoint t", ("teacher", "dataset"), "fix")  # not recorded
+    with pytest.raises(ModelError) as info:
+        check_class_names(["cat", "dog", "eel"], ["cat", "eel", "dog"], "teacher t", ("teacher", "dataset"), "fx")
+    assert info.value.problem.splitlines() == [
+        "teacher t names its classes differently from the dataset: position 1 is 'dog' in the teacher, 'eel' in the "
+        "dataset (the same names in another order)",
+        "  teacher: ['cat', 'dog', 'eel']",
+        "  dataset: ['cat', 'eel', 'dog']",
+    ]
+    assert info.value.fix == "fx"
+    with pytest.raises(ModelError, match="position 0 is 'a' in the student, 'x' in the data\n"):
+        check_class_names(["a", "b"], ["x", "b"], "student s", ("student", "data"), "fx")
+
+
+def test_a_description_with_an_unknown_field_or_source_is_refused_by_name():
+    from slimforge.train.models import ModelSpec
+
+    good = {"source": "timm", "name": "resnet10t", "num_classes": 10, "input_size": [1, 32, 32]}
+    assert ModelSpec.from_dict(good).name == "resnet10t"
+    with pytest.raises(ModelError, match="unknown field 'colour'; unknown model source 'keras'"):
+        ModelSpec.from_dict({**good, "colour": "red", "source": "keras"})
+    with pytest.raises(ModelError, match="missing field 'num_classes'"):
+        ModelSpec.from_dict({k: v for k, v in good.items() if k != "num_classes"})

@@ -47,6 +47,16 @@ def test_bad_steps_are_named_with_the_fix(step, needle):
     assert any(p.startswith("compress[0]") for p in e.value.problems)
 
 
+def test_qat_refuses_the_launches_that_would_change_it():
+    (qat,) = build_methods([{"method": "qat"}])
+    assert qat.check_topology("DistributedType.DEEPSPEED", 2) is None
+    assert qat.check_topology("DistributedType.MULTI_CPU", None) is None
+    assert "ZeRO-3 / FSDP shard those weights" in qat.check_topology("DistributedType.DEEPSPEED", 3)
+    assert "ZeRO-3 / FSDP shard those weights" in qat.check_topology("DistributedType.FSDP", None)
+    fp16 = qat.check_topology("DistributedType.DEEPSPEED", 2, "float16")  # DeepSpeed's fp16 mode (GPUs)
+    assert "scales, zero points and observed ranges in float16" in fp16
+
+
 def test_run_config_names_every_bad_step_before_any_work():
     with pytest.raises(ConfigError) as e:
         load_config(
