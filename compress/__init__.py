@@ -3,4 +3,4 @@
 Importing the package registers every built-in recipe method, so a checkpoint's recipe can always be rebuilt.
 """
 
-from slimforge.compress import lowrank, quantize  # noqa: F401  registers lowrank, qat, ptq
+from slimforge.compress import lowrank, prune, quantize  # noqa: F401  registers lowrank, prune, qat, ptq

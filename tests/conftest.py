@@ -174,3 +174,27 @@ def compress_checkpoint(source, path, steps: list[dict], updates: int = 6, image
         m.convert(model)
     spec.recipe = spec.recipe + [m.step_record() for m in methods]
     return save_checkpoint(model.eval().state_dict(), spec, path, extra=meta["extra"]), model
+
+
+def fresh_process_logits(checkpoint, images, folder: Path):
+    """The logits a fresh Python process computes for ``images`` with ``checkpoint`` rebuilt from disk alone, and the
+    recipe methods it read: ``(logits [N, K], ["lowrank", "qat", ...])``."""
+    import json
+    import sys
+
+    import torch
+
+    torch.save(images, folder / "images.pt")
+    code = (
+        "import json, torch\n"
+        "from slimforge.train.checkpoint import load_checkpoint\n"
+        f"model, spec, _ = load_checkpoint({str(checkpoint)!r})\n"
+        f"images = torch.load({str(folder / 'images.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    logits = model.eval()(images).tolist()\n"
+        "print(json.dumps({'logits': logits, 'recipe': [s['method'] for s in spec.recipe]}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    return torch.tensor(fresh["logits"]), fresh["recipe"]

@@ -3,10 +3,6 @@ checkpoint in a fresh process with the outputs of the model that was saved."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,7 +13,7 @@ from slimforge.train.config import load_config
 from slimforge.train.errors import ConfigError
 from slimforge.train.recipe import build_methods, step_problems
 from slimforge.train.schema import RunConfig
-from tests.conftest import ROOT, compress_checkpoint, tiny_data_config
+from tests.conftest import ROOT, compress_checkpoint, fresh_process_logits, tiny_data_config
 
 MNIST = tiny_data_config()
 
@@ -33,11 +29,12 @@ MNIST = tiny_data_config()
         ({"method": "qat", "calibration_images": 0}, "[0].calibration_images: 0 must be >= 1"),
         ({"method": "ptq", "calibrator": "kl"}, "[0].calibrator: 'kl' is not one of"),
         ({"method": "lowrank", "energy": 0.9, "rank_ratio": 0.5}, "set exactly one of them"),
-        ({"method": "prune"},
-         "[0].method: unknown compression method 'prune' (available: lowrank, ptq, qat)"),
+        ({"method": "pruning"},
+         "[0].method: unknown compression method 'pruning' (available: lowrank, prune, ptq, qat)"),
+        ({"method": "prune", "macs": 1.5}, "[0].macs: 1.5 must be in (0, 1), the share of MACs kept"),
     ],
     ids=["unknown-option", "activation-type", "tensorrt-activations", "no-calibration", "calibrator", "lowrank",
-         "method"],
+         "method", "prune-macs"],
 )  # fmt: skip
 def test_bad_steps_are_named_with_the_fix(step, needle):
     problems = step_problems([step])
@@ -76,20 +73,9 @@ def test_a_two_stage_student_reloads_in_a_fresh_process_and_exports_through_both
     images = ValidationSet(MNIST, 64).images_for(load_checkpoint(stage2)[1])
     with torch.no_grad():
         saved = model(images)
-    torch.save(images, tmp_path / "images.pt")
-    code = (
-        "import sys, json, torch\n"
-        "from slimforge.train.checkpoint import load_checkpoint\n"
-        f"model, spec, _ = load_checkpoint({str(stage2)!r})\n"
-        f"images = torch.load({str(tmp_path / 'images.pt')!r}, weights_only=True)\n"
-        "with torch.no_grad():\n"
-        "    print(json.dumps({'logits': model(images).tolist(), 'recipe': [s['method'] for s in spec.recipe]}))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    fresh = json.loads(out.stdout.strip().splitlines()[-1])
-    assert fresh["recipe"] == ["lowrank", "qat"]
-    assert torch.equal(torch.tensor(fresh["logits"]), saved)
+    logits, recipe = fresh_process_logits(stage2, images, tmp_path)
+    assert recipe == ["lowrank", "qat"]
+    assert torch.equal(logits, saved)
     report = export_checkpoint(stage2, tmp_path / "export", ExportConfig(formats=["onnx-qdq"], max_images=64))
     (entry,) = report["artifacts"]
     assert entry["passed"] and set(entry["checks"]) == {"emulated", "deployed"} and entry["int8_mac_fraction"] >= 0.95

@@ -1,0 +1,126 @@
+"""``prune``: channels really removed to a MAC target, dependency-aware, and rebuilt from the record alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from slimforge.compress.api import CompressionContext, RecipeError, rebuild
+from slimforge.compress.compress import main as compress_main
+from slimforge.compress.prune.structured import count_macs
+from slimforge.export.artifacts import ExportConfig, export_checkpoint
+from slimforge.export.evaldata import ValidationSet
+from slimforge.train.checkpoint import load_checkpoint
+from slimforge.train.config import from_dict
+from slimforge.train.recipe import build_methods
+from tests.conftest import ROOT, fresh_process_logits, tiny_data_config
+
+MNIST = tiny_data_config()
+
+
+def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d:
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "mobilenetv3_small_050"])  # residual adds; depthwise + squeeze-excite
+def test_channels_are_removed_to_the_mac_target_and_rebuild_from_the_record_alone(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, in_chans=1)
+    x = torch.randn(4, 1, 32, 32)
+    before, size = count_macs(model, x[:1]), params(model)
+    stem_shape, head_shape = first_conv(model).weight.shape, model.get_classifier().weight.shape
+    (step,) = build_methods([{"method": "prune", "macs": 0.5}])
+    pruned = step.prepare(model, CompressionContext(example_input=x[:1])).eval()
+
+    after = count_macs(pruned, x[:1])
+    assert abs(after - 0.5 * before) <= 0.03 * 0.5 * before, f"{after / before:.3f} of the MACs"
+    assert step.record["macs_before"] == before and step.record["macs_after"] == after
+    assert params(pruned) < 0.75 * size  # whole channels are gone, not zeroed
+    assert pruned.get_classifier().weight.shape[0] == head_shape[0] == 10  # the classifier keeps its classes
+    assert first_conv(pruned).weight.shape == stem_shape  # the stem is kept whole
+
+    # A fresh architecture + the JSON record alone gives the pruned network: its weights load strictly.
+    record = json.loads(json.dumps(step.step_record()))
+    fresh = rebuild(timm.create_model(name, num_classes=10, in_chans=1), [record], from_dict)
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned(x))
+
+
+def test_taylor_importance_ranks_by_the_distillation_loss_and_needs_a_teacher():
+    torch.manual_seed(0)
+    images = torch.randn(32, 1, 32, 32)
+    student = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    teacher = timm.create_model("resnet10t", num_classes=10, in_chans=1).eval()
+    (step,) = build_methods([{"method": "prune", "macs": 0.8, "importance": "taylor", "calibration_images": 32}])
+    ctx = CompressionContext(example_input=images[:1], batches=lambda n: iter(images[:n].split(16)))
+    with pytest.raises(RecipeError, match="importance 'taylor' ranks channels by the distillation loss"):
+        step.prepare(student, ctx)
+    ctx.teacher = teacher
+    before = count_macs(student, images[:1])
+    pruned = step.prepare(student, ctx)
+    assert abs(count_macs(pruned, images[:1]) - 0.8 * before) <= 0.03 * 0.8 * before
+    assert all(p.grad is None for p in pruned.parameters())  # the ranking's gradients do not leak into training
+
+
+def test_a_step_that_jumps_past_the_target_is_refused_with_the_fix():
+    """Channel counts rounded to multiples of 8, the same share from every layer: resnet10t's layers cross their
+    rounding thresholds together, from about 58% of the MACs to 44% in one step."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    (step,) = build_methods([{"method": "prune", "macs": 0.5, "round_to": 8}])
+    with pytest.raises(RecipeError, match="past the 50% asked for") as e:
+        step.prepare(model, CompressionContext(example_input=torch.randn(1, 1, 32, 32)))
+    assert "global_ranking: true" in e.value.fix and "round_to: null" in e.value.fix
+
+
+def test_an_unreachable_target_is_refused_with_the_fix():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    everything = [n for n, _ in model.named_modules() if n.startswith("layer")]
+    (step,) = build_methods([{"method": "prune", "macs": 0.3, "skip": everything}])
+    with pytest.raises(RecipeError, match="not the 30% asked for") as e:
+        step.prepare(model, CompressionContext(example_input=torch.randn(1, 1, 32, 32)))
+    assert "skip fewer layers" in e.value.fix
+
+
+def test_the_one_shot_entry_prunes_a_trained_student_that_reloads_in_a_fresh_process_and_exports(
+    trained_resnet, tmp_path, capsys
+):
+    """``compress/compress.py`` prunes a trained student to half its MACs and prints the before/after table; a fresh
+    process rebuilds the saved student from the checkpoint alone, and its ONNX export passes the parity check."""
+    out = tmp_path / "pruned"
+    config = ROOT / "configs/compress/prune_half.yaml"
+    args = ["--checkpoint", str(trained_resnet), "--config", str(config), "--out", str(out), "rounds=1", "runs=5"]
+    assert compress_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| MACs (batch 1) |" in printed and "| ORT CPU ms (batch 1) |" in printed
+    report = json.loads((out / "compress_report.json").read_text())
+    assert abs(report["ratios"]["macs"] - 0.5) <= 0.03 * 0.5 and report["ratios"]["params"] < 0.75
+    assert report["before"]["ort_ms"] > 0 and report["after"]["ort_ms"] > 0
+
+    path = out / "checkpoint"
+    model = load_checkpoint(path)[0].eval()
+    images = ValidationSet(MNIST, 64).images_for(load_checkpoint(path)[1])
+    with torch.no_grad():
+        saved = model(images)
+    logits, recipe = fresh_process_logits(path, images, tmp_path)
+    assert recipe == ["prune"] and torch.equal(logits, saved)
+    export = export_checkpoint(path, tmp_path / "export", ExportConfig(formats=["onnx"], max_images=64))
+    assert export["artifacts"][0]["passed"]
+
+
+def test_the_one_shot_entry_refuses_a_training_step(trained_resnet, tmp_path, capsys):
+    config = tmp_path / "qat.yaml"
+    config.write_text("compress: [{method: qat}]\n")
+    code = compress_main(["--checkpoint", str(trained_resnet), "--config", str(config), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'qat' trains the model: use it in train/distill.py" in err
+    assert not (tmp_path / "o").exists()
