@@ -56,12 +56,7 @@ def test_a_changed_run_is_refused_and_a_fresh_start_clears_the_old_states(tmp_pa
     assert fresh_start in proc.stderr
     assert states(out) == saved and not (out / "checkpoint").exists()
 
-    # Fields that change neither the numerics nor the schedule may change: this resumes from update 4.
-    proc = launch("ddp.yaml", "train/distill.py", CONFIG, *base, "train.max_steps=6", "train.log_every=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
-    crash_after_last_state(out)
+    # (Fields that change neither the numerics nor the schedule may change: tests/unit/train/test_state.py.)
 
     # The fresh-start flag: old states deleted, training from update 1 with the new settings.
     proc = launch("ddp.yaml", "train/distill.py", CONFIG, *base, "data.batch_size=8", "train.resume=false")

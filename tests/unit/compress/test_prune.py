@@ -59,14 +59,15 @@ def test_taylor_importance_ranks_by_the_distillation_loss_and_needs_a_teacher():
     images = torch.randn(32, 1, 32, 32)
     student = timm.create_model("resnet10t", num_classes=10, in_chans=1)
     teacher = timm.create_model("resnet10t", num_classes=10, in_chans=1).eval()
-    (step,) = build_methods([{"method": "prune", "macs": 0.8, "importance": "taylor", "calibration_images": 32}])
+    step = {"method": "prune", "macs": 0.8, "importance": "taylor", "calibration_images": 32, "steps": 30}
+    (step,) = build_methods([step])
     ctx = CompressionContext(example_input=images[:1], batches=lambda n: iter(images[:n].split(16)))
     with pytest.raises(RecipeError, match="importance 'taylor' ranks channels by the distillation loss"):
         step.prepare(student, ctx)
     ctx.teacher = teacher
     before = count_macs(student, images[:1])
     pruned = step.prepare(student, ctx)
-    assert abs(count_macs(pruned, images[:1]) - 0.8 * before) <= 0.03 * 0.8 * before
+    assert abs(count_macs(pruned, images[:1]) - 0.8 * before) <= 0.04 * 0.8 * before  # 30 coarser steps
     assert all(p.grad is None for p in pruned.parameters())  # the ranking's gradients do not leak into training
 
 
@@ -85,7 +86,7 @@ def test_an_unreachable_target_is_refused_with_the_fix():
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
     everything = [n for n, _ in model.named_modules() if n.startswith("layer")]
-    (step,) = build_methods([{"method": "prune", "macs": 0.3, "skip": everything}])
+    (step,) = build_methods([{"method": "prune", "macs": 0.3, "skip": everything, "steps": 10}])
     with pytest.raises(RecipeError, match="not the 30% asked for") as e:
         step.prepare(model, CompressionContext(example_input=torch.randn(1, 1, 32, 32)))
     assert "skip fewer layers" in e.value.fix
