@@ -13,6 +13,7 @@ rounds), so a change of the machine's speed state during the measurement affects
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import statistics
@@ -110,7 +111,7 @@ def compress_checkpoint(checkpoint: str | os.PathLike, cfg: OneShotConfig, out: 
     out = Path(out)
     check_writable(out, "--out")
     model, spec, meta = load_checkpoint(checkpoint, allow_factory=allow_factory, opt_in="pass --allow-factory")
-    original, _, _ = load_checkpoint(checkpoint, allow_factory=allow_factory, opt_in="pass --allow-factory")
+    original = copy.deepcopy(model)  # the "before" side; the steps change ``model`` in place
     images = ValidationSet(data_config_from_meta(meta), cfg.calibration_images, split="train").images_for(spec)
     ctx = CompressionContext(example_input=images[:1], batches=lambda n: iter(images[:n].split(32)))
     methods = build_methods(cfg.compress)

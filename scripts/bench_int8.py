@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -103,35 +102,10 @@ def artifacts(name: str, out: Path, qat_steps: int) -> dict[str, Path]:
     }
 
 
-def time_rounds(files: dict[str, Path], rounds: int, runs: int, threads: int | None) -> dict[str, float]:
-    """Median batch-1 ms per file: the median over interleaved rounds of each round's median of ``runs`` calls."""
-    import numpy as np
-
-    from slimforge.export.runtimes import get_runtime
-
-    sessions = {}
-    for key, path in files.items():
-        rt = get_runtime("ort-cpu")(threads=threads)
-        rt.load(path)
-        sessions[key] = rt
-    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    per_round: dict[str, list[float]] = {k: [] for k in files}
-    for _ in range(rounds):
-        for key, rt in sessions.items():
-            for _ in range(10):
-                rt.forward(image)
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                rt.forward(image)
-                times.append(time.perf_counter() - start)
-            per_round[key].append(1e3 * statistics.median(times))
-    return {k: statistics.median(v) for k, v in per_round.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from slimforge.export.machine import default_threads, machine_fingerprint
+    from slimforge.export.oneshot import interleaved_latency
 
     threads = args.threads or default_threads()
     machine = machine_fingerprint(threads=threads)
@@ -145,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         files = artifacts(name, out, args.qat_steps)
         report = json.loads((out / "qat_export" / "export_report.json").read_text())["artifacts"][0]
         ort_report = json.loads((out / "fp32_export" / "export_report.json").read_text())["artifacts"][1]
-        ms = time_rounds(files, args.rounds, args.runs, threads)
+        ms = interleaved_latency(files, (3, 224, 224), args.rounds, args.runs, threads)
         row = {
             "model": name,
             **{f"{k}_ms": round(v, 3) for k, v in ms.items()},

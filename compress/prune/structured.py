@@ -178,6 +178,11 @@ class StructuredPrune(Method):
                     "no teacher",
                     "prune under train/distill.py, or choose importance l2, l1 or bn_scale",
                 )
+            if ctx.batches is None:
+                raise RecipeError(
+                    "prune importance 'taylor' needs training images, and none were given",
+                    "prune where the run's data is available, or choose importance l2, l1 or bn_scale",
+                )
             return tp.importance.GroupTaylorImportance()
         if imp == "bn_scale":
             return tp.importance.BNScaleImportance()
@@ -199,13 +204,14 @@ class StructuredPrune(Method):
         import torch_pruning as tp
 
         cfg = self.config
-        example = ctx.example_input.to(ctx.device)
+        device = next(model.parameters()).device  # the bare model, where the engine built it (before any wrapper)
+        example = ctx.example_input.to(device)
         original = copy.deepcopy(model)
         before = count_macs(model, example)
         importance = self._importance(ctx)
         images = []
         if cfg.importance == "taylor":
-            images = [b.to(ctx.device) for b in ctx.batches(cfg.calibration_images)]
+            images = [b.to(device) for b in ctx.batches(cfg.calibration_images)]
         pruner = tp.pruner.MetaPruner(
             model,
             example,

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from slimforge.compress.api import CompressionContext, RecipeError
+from slimforge.train.engine.topology import deepspeed_plugin
 from slimforge.train.errors import SlimforgeError
 from slimforge.train.recipe import build_methods
 
 
 def _zero_stage(accelerator) -> int | None:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = deepspeed_plugin(accelerator)
     return plugin.zero_stage if plugin is not None else None
 
 

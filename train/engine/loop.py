@@ -125,8 +125,8 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     configured = build_optimizer(student, cfg.optim, lr)
     train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed)
     val_loader = build_loader(splits.val, cfg.data, is_training=False)
-    if not deepspeed_autocast(accelerator):
-        buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics too
+    deepspeed_autocast(accelerator)  # DeepSpeed bf16 trains as DDP's autocast does
+    buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics in fp16 too
     student, optimizer, train_loader, val_loader = accelerator.prepare(student, configured, train_loader, val_loader)
     topology.update(describe_numerics(accelerator, student, optimizer, configured, cfg.train.mixed_precision))
     match_input_dtype(accelerator.unwrap_model(student))  # DeepSpeed's fp16 student takes fp16 inputs
@@ -161,8 +161,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         scheduler.last_epoch = position["step"]  # the LR is a pure function of the update count
         scheduler.step(position["step"])
         recipe.on_step(accelerator.unwrap_model(student), position["step"])  # switches follow the restored step
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # prepare_run_folder created ``out``
         if resumed is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         dump_yaml(cfg, out / "config.yaml")
@@ -175,7 +174,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     def save_state() -> None:
         save_train_state(accelerator, out / "state", dict(position), cfg.train.keep_states, run_print)
 
-    dropout_probe = _dropout_probe()
+    dropout_probe = _dropout_probe() if cfg.train.record_samples else None
     seen: list[list[int]] = []
     history: list[float] = []
     digest = ""

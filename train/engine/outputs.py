@@ -18,12 +18,22 @@ from slimforge.train.errors import SlimforgeError, check_writable
 logger = logging.getLogger(__name__)
 
 
-def _from_rank0(accelerator, value):
+def from_rank0(accelerator, value):
+    """Rank 0's ``value`` on every rank (a collective with more than one process)."""
     if accelerator.num_processes == 1:
         return value
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value])[0]
+
+
+def blind_ranks(accelerator, sees: bool) -> tuple[list[str], str]:
+    """Every rank's ``sees``, gathered: ``(["rank R on HOST", ...] for the ranks where it is False, rank 0's host)``.
+    A collective."""
+    from accelerate.utils import gather_object
+
+    seen = gather_object([(sees, accelerator.process_index, socket.gethostname())])
+    return [f"rank {rank} on {host}" for ok, rank, host in seen if not ok], seen[0][2]
 
 
 def _unwritable(out: Path) -> tuple[str, str] | None:
@@ -42,13 +52,13 @@ def prepare_run_folder(accelerator, out: Path, overwrite: bool) -> None:
     Raises:
         SlimforgeError: on every rank alike.
     """
-    finished = _from_rank0(accelerator, accelerator.is_main_process and (out / "checkpoint").exists())
+    finished = from_rank0(accelerator, accelerator.is_main_process and (out / "checkpoint").exists())
     if finished and not overwrite:
         raise SlimforgeError(
             f"{out / 'checkpoint'} already holds a finished run",
             "choose another train.output_dir or set train.overwrite=true",
         )
-    problem = _from_rank0(accelerator, _unwritable(out) if accelerator.is_main_process else None)
+    problem = from_rank0(accelerator, _unwritable(out) if accelerator.is_main_process else None)
     if problem is not None:
         raise SlimforgeError(*problem)
     if accelerator.is_main_process:
@@ -60,9 +70,7 @@ def prepare_run_folder(accelerator, out: Path, overwrite: bool) -> None:
 def check_shared(accelerator, out: Path) -> None:
     """Rank 0 writes a random token into ``out``; every rank must read it back. A multi-node launch whose
     ``out`` is a node-local folder fails here, naming the ranks and hosts that cannot see it."""
-    from accelerate.utils import gather_object
-
-    token = _from_rank0(accelerator, secrets.token_hex(8) if accelerator.is_main_process else None)
+    token = from_rank0(accelerator, secrets.token_hex(8) if accelerator.is_main_process else None)
     marker = out / f".shared-check-{token}"
     if accelerator.is_main_process:
         marker.write_text(token)
@@ -71,15 +79,14 @@ def check_shared(accelerator, out: Path) -> None:
         sees = marker.read_text() == token
     except OSError:
         sees = False
-    seen = gather_object([(sees, accelerator.process_index, socket.gethostname())])
+    blind, host0 = blind_ranks(accelerator, sees)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         marker.unlink(missing_ok=True)
-    blind = [f"rank {rank} on {host}" for ok, rank, host in seen if not ok]
     if blind:
         raise SlimforgeError(
             f"train.output_dir {out} is not shared: {', '.join(blind)} cannot see what rank 0 "
-            f"(on {seen[0][2]}) writes there, so checkpoints, resumable states and metrics would split across nodes",
+            f"(on {host0}) writes there, so checkpoints, resumable states and metrics would split across nodes",
             "put train.output_dir on a filesystem every node mounts at the same path (NFS, Lustre, ...)",
         )
 
@@ -91,18 +98,15 @@ def newest_state(accelerator, root: Path) -> Path | None:
         SlimforgeError: on every rank, when some rank cannot see rank 0's choice (``output_dir`` is not on a
             filesystem every node shares, or it lags).
     """
-    from accelerate.utils import gather_object
-
     from slimforge.train.state import STATE_META, state_dirs
 
-    found = state_dirs(root)
-    name = _from_rank0(accelerator, found[-1].name if found else None)
+    found = state_dirs(root) if accelerator.is_main_process else []
+    name = from_rank0(accelerator, found[-1].name if found else None)
     if name is None:
         return None
     path = root / name
     if accelerator.num_processes > 1:
-        seen = gather_object([((path / STATE_META).is_file(), accelerator.process_index, socket.gethostname())])
-        blind = [f"rank {r} on {host}" for ok, r, host in seen if not ok]
+        blind, _ = blind_ranks(accelerator, (path / STATE_META).is_file())
         if blind:
             raise SlimforgeError(
                 f"rank 0 resumes from {path}, which {', '.join(blind)} cannot see: train.output_dir is not on a "

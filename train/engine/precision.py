@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimforge.train.engine.topology import deepspeed_plugin
 from slimforge.train.errors import SlimforgeError
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,9 @@ def weights_dtype(module: nn.Module) -> torch.dtype:
     return next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)
 
 
-def _deepspeed_plugin(accelerator):
-    return getattr(accelerator.state, "deepspeed_plugin", None)
-
-
 def offloads_optimizer(accelerator) -> bool:
     """Whether the DeepSpeed launch config offloads the optimizer state to CPU (or NVMe)."""
-    plugin = _deepspeed_plugin(accelerator)
+    plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return False
     zero = plugin.deepspeed_config.get("zero_optimization", {})
@@ -59,7 +56,7 @@ def keep_configured_optimizer(accelerator) -> None:
     the offloaded FP32 partitions. A launch config that sets ``zero_force_ds_cpu_optimizer: true`` itself is
     refused, since the run would not train what the run config says.
     """
-    plugin = _deepspeed_plugin(accelerator)
+    plugin = deepspeed_plugin(accelerator)
     if not offloads_optimizer(accelerator):
         return
     if plugin.deepspeed_config.get("zero_force_ds_cpu_optimizer") is True:
@@ -72,37 +69,32 @@ def keep_configured_optimizer(accelerator) -> None:
     plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
 
 
-def deepspeed_autocast(accelerator) -> bool:
+def deepspeed_autocast(accelerator) -> None:
     """Under DeepSpeed with ``train.mixed_precision=bf16``: DeepSpeed's ``torch_autocast`` instead of its bf16 mode
-    (see the module's docstring). Returns whether it did."""
-    plugin = _deepspeed_plugin(accelerator)
+    (see the module's docstring). Accelerate then reports ``mixed_precision`` as ``no``."""
+    plugin = deepspeed_plugin(accelerator)
     if plugin is None or str(accelerator.mixed_precision) != "bf16":
-        return False
-    config = plugin.deepspeed_config
-    config["bf16"] = {"enabled": False}
-    config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return True
+        return
+    plugin.deepspeed_config["bf16"] = {"enabled": False}
+    plugin.deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
 
 
-def buffers_in_weight_precision(accelerator, model: nn.Module) -> list[str]:
+def buffers_in_weight_precision(accelerator, model: nn.Module) -> None:
     """Under DeepSpeed's fp16 mode: has DeepSpeed cast the floating buffers to fp16 too (``data_types.buffer_dtype``),
-    so batch norms hold weights and running statistics in one dtype (the statistics then accumulate in fp16).
-    Returns the names of the buffers it affects."""
-    plugin = _deepspeed_plugin(accelerator)
-    precision = str(accelerator.mixed_precision)
-    if plugin is None or precision not in ("bf16", "fp16"):
-        return []
+    so batch norms hold weights and running statistics in one dtype (the statistics then accumulate in fp16)."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None or str(accelerator.mixed_precision) != "fp16":
+        return
     names = [n for n, b in model.named_buffers() if b.is_floating_point()]
     if names:
         data_types = plugin.deepspeed_config.setdefault("data_types", {})
-        if data_types.get("buffer_dtype") not in (None, precision):
+        if data_types.get("buffer_dtype") not in (None, "fp16"):
             raise SlimforgeError(
                 f"the DeepSpeed launch config holds buffers in {data_types['buffer_dtype']} while the weights are "
-                f"in {precision}: the student's normalisation layers ({names[0]} ...) cannot run that way",
+                f"in fp16: the student's normalisation layers ({names[0]} ...) cannot run that way",
                 "remove data_types.buffer_dtype from the launch config",
             )
-        data_types["buffer_dtype"] = precision
-    return names
+        data_types["buffer_dtype"] = "fp16"
 
 
 def check_optimizer(prepared, configured: torch.optim.Optimizer) -> str:
@@ -110,14 +102,13 @@ def check_optimizer(prepared, configured: torch.optim.Optimizer) -> str:
     inner = prepared
     while hasattr(inner, "optimizer") and not isinstance(inner, type(configured)):
         inner = inner.optimizer
-    stepping = inner  # under DeepSpeed: the torch optimizer its ZeRO optimizer steps
-    if type(stepping) is not type(configured):
+    if type(inner) is not type(configured):  # under DeepSpeed: the torch optimizer its ZeRO optimizer steps
         raise SlimforgeError(
             f"the launcher replaced the configured optimizer {type(configured).__name__} with "
-            f"{type(stepping).__name__}: the run would not train what the run config says",
+            f"{type(inner).__name__}: the run would not train what the run config says",
             "use a launch config from configs/accelerate/ unchanged, or set optim.name to the optimizer it runs",
         )
-    return type(stepping).__name__
+    return type(inner).__name__
 
 
 def describe_numerics(
@@ -132,7 +123,7 @@ def describe_numerics(
             precision the run config did not ask for.
     """
     weights = weights_dtype(accelerator.unwrap_model(model))
-    deepspeed = _deepspeed_plugin(accelerator) is not None
+    deepspeed = deepspeed_plugin(accelerator) is not None
     expected = torch.float16 if deepspeed and precision == "fp16" else torch.float32
     mode = "none"
     if precision != "no":
@@ -188,7 +179,7 @@ def final_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
     none, and buffers from the module, in FP32); otherwise ``accelerator.get_state_dict``.
     """
     state = accelerator.get_state_dict(model)
-    if _deepspeed_plugin(accelerator) is None:
+    if deepspeed_plugin(accelerator) is None:
         return state
     from deepspeed.utils import safe_get_full_fp32_param
 

@@ -7,6 +7,7 @@ import hashlib
 import torch
 from torch import nn
 
+from slimforge.train.engine.topology import deepspeed_plugin
 from slimforge.train.errors import SlimforgeError
 
 
@@ -38,7 +39,7 @@ def check_replicas_in_sync(model: nn.Module, accelerator) -> str:
     """
     from accelerate.utils import DistributedType, gather_object
 
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = deepspeed_plugin(accelerator)
     replicated = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU) or (
         plugin is not None and plugin.zero_stage < 3  # ZeRO-1/2 shard optimizer state, not parameters
     )

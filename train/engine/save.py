@@ -35,16 +35,14 @@ def save_final(
         The checkpoint folder.
     """
     from slimforge.train.checkpoint import non_finite
+    from slimforge.train.engine.outputs import from_rank0
     from slimforge.train.engine.precision import final_state_dict
     from slimforge.train.engine.step import DivergenceError
 
     final = out / "checkpoint"
     state = final_state_dict(accelerator, model)  # DeepSpeed: its FP32 masters
-    bad = non_finite(state) if accelerator.is_main_process else []
-    if accelerator.num_processes > 1:  # every rank learns rank 0's verdict, so none waits for the others
-        from accelerate.utils import broadcast_object_list
-
-        bad = broadcast_object_list([bad])[0]
+    # Every rank learns rank 0's verdict, so none waits for the others.
+    bad = from_rank0(accelerator, non_finite(state) if accelerator.is_main_process else [])
     if bad:
         raise DivergenceError(
             f"the trained student holds non-finite values (nan/inf) in {', '.join(bad[:3])}; no checkpoint was written",

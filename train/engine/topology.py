@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def deepspeed_plugin(accelerator):
+    """The launch's ``DeepSpeedPlugin`` (its ``deepspeed_config`` is the config DeepSpeed will get), or None."""
+    return getattr(accelerator.state, "deepspeed_plugin", None)
+
+
 def build_accelerator(cfg: TrainConfig):
     """An ``Accelerator`` for the launched topology, on CPU (gloo) when no GPU is present."""
     from datetime import timedelta
@@ -88,7 +93,7 @@ def check_topology(accelerator, cfg: TrainConfig) -> None:
                 f"{device}: the {world} processes would each train alone, without syncing gradients",
                 f"{fix}; on CPU use ddp.yaml or a DeepSpeed config (zero*.yaml)",
             )
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = deepspeed_plugin(accelerator)
     if plugin is not None:
         ds_accum = plugin.deepspeed_config.get("gradient_accumulation_steps")
         if ds_accum not in (None, "auto", cfg.grad_accum_steps):
@@ -111,7 +116,7 @@ def set_gradient_clipping(accelerator, grad_clip: float | None) -> None:
     Raises:
         SlimforgeError: the launch config's ``gradient_clipping`` differs from ``optim.grad_clip``.
     """
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return
     wanted = float(grad_clip) if grad_clip is not None else 0.0
@@ -144,7 +149,7 @@ def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
 
     from accelerate.utils import gather_object
 
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = deepspeed_plugin(accelerator)
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)
     sharding = "none (replicated)"
     if plugin is not None:
