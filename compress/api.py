@@ -77,6 +77,9 @@ class CompressionContext:
     is smaller), preprocessed with the evaluation transform: the same images on every rank. None without data."""
     teacher: nn.Module | None = None
     """The frozen teacher, when the run distils."""
+    total_steps: int | None = None
+    """The run's number of optimizer updates (what :meth:`Method.on_step` will count up to), for schedules that end
+    with the run; None outside training (one-shot compression: a schedule then jumps to its end at once)."""
 
 
 class Method:

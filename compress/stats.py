@@ -22,19 +22,21 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] | list[int]) -> int
     """Multiply-accumulates of one forward pass at batch 1.
 
     Args:
-        model: The model; it is run once in eval mode on zeros of shape ``[1, *input_size]``.
+        model: The model; it is run once in eval mode on zeros of shape ``[1, *input_size]``, on the device of its
+            parameters.
         input_size: ``[C, H, W]``.
 
     Returns:
         MACs = FLOPs / 2 as counted by ``torch.utils.flop_counter`` (convolutions, matmuls, attention; cheap
         elementwise ops are not counted, matching how MACs are usually quoted).
     """
+    device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
     try:
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
-            model(torch.zeros(1, *input_size))
+            model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2

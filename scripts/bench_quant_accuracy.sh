@@ -22,12 +22,13 @@ if [ ! -f "$RUN/student_mbv3/checkpoint/slimforge.json" ]; then
     teacher.checkpoint="$RUN/teacher/checkpoint" train.output_dir="$RUN/student_mbv3" train.overwrite=true
 fi
 for s in student student_mbv3; do
-  if [ ! -f "$RUN/${s}_qat/checkpoint/slimforge.json" ]; then
-    echo "== quantisation-aware training of $s with the teacher ($RUN/${s}_qat)"
-    launch train/distill.py --config configs/distill/mnist_resnet10t_qat.yaml model.checkpoint="$RUN/$s/checkpoint" \
-      teacher.checkpoint="$RUN/teacher/checkpoint" train.output_dir="$RUN/${s}_qat" train.overwrite=true
-  fi
   Q="$RUN/quant/$s"
+  # Its own QAT run of the unpruned student (the demo's student_qat starts from the pruned one).
+  if [ ! -f "$Q/qat_run/checkpoint/slimforge.json" ]; then
+    echo "== quantisation-aware training of $s with the teacher ($Q/qat_run)"
+    launch train/distill.py --config configs/distill/mnist_resnet10t_qat.yaml model.checkpoint="$RUN/$s/checkpoint" \
+      teacher.checkpoint="$RUN/teacher/checkpoint" train.output_dir="$Q/qat_run" train.overwrite=true
+  fi
   echo "== export $s: FP32, post-training int8 with each calibrator, QAT int8 ($Q)"
   $BIN/python export/export.py --checkpoint "$RUN/$s/checkpoint" --out "$Q/fp32" --formats onnx --max-images 1000
   for c in minmax percentile entropy; do
@@ -35,7 +36,7 @@ for s in student student_mbv3; do
     $BIN/python export/export.py --checkpoint "$RUN/$s/checkpoint" --out "$Q/ptq_$c" --formats onnx-int8 \
       --calibrator "$c" --calibration-images 512 --max-images 1000 || echo "(ptq $c: see $Q/ptq_$c/export_report.json)"
   done
-  $BIN/python export/export.py --checkpoint "$RUN/${s}_qat/checkpoint" --out "$Q/qat" --formats onnx-qdq --max-images 1000
+  $BIN/python export/export.py --checkpoint "$Q/qat_run/checkpoint" --out "$Q/qat" --formats onnx-qdq --max-images 1000
 done
 
 echo "== accuracy of every file in ONNX Runtime on the 1,000 validation digits ($RUN/quant/benchmark)"

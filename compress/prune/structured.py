@@ -20,6 +20,7 @@ checks that such a rebuild reproduces the pruned network's outputs before it ret
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import logging
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimforge.compress.api import CompressionContext, Method, MethodConfig, RecipeError, register_method
+from slimforge.compress.stats import count_macs
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ class PruneConfig(MethodConfig):
     ``macs`` (the step is then refused, naming the two counts it fell between)."""
     keep_stem: bool = True
     """Keep the first convolution whole (it sees the raw image)."""
+    layers: list[str] = field(default_factory=lambda: ["*"])
+    """fnmatch patterns of the layers whose output channels may be removed (convolutions and linear layers); the
+    others are kept whole. A pattern that names a layer the dependency graph cannot prune is refused, by name."""
     skip: list[str] = field(default_factory=list)
     """fnmatch patterns of layer names kept whole, besides the classifier (always kept) and the stem."""
     steps: int = 100
@@ -132,12 +137,7 @@ def apply_structure(model: nn.Module, change: dict[str, dict[str, Any]]) -> nn.M
     return model
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass of ``example`` (Torch-Pruning's counter)."""
-    import torch_pruning as tp
-
-    macs, _ = tp.utils.count_ops_and_params(model, example)
-    return int(macs)
+_PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def _classifier(model: nn.Module) -> nn.Module | None:
@@ -159,13 +159,55 @@ class StructuredPrune(Method):
             raise RecipeError("prune removes channels of convolutions and linear layers, and this model has none")
 
     def _ignored(self, model: nn.Module) -> list[nn.Module]:
+        """The layers kept whole: the classifier, the stem (``keep_stem``), ``skip``, and every prunable layer no
+        ``layers`` pattern names.
+
+        Raises:
+            RecipeError: a ``layers`` or ``skip`` pattern names no layer of the model (close names suggested).
+        """
         cfg = self.config
+        names = [n for n, _ in model.named_modules() if n]
+        for key in ("layers", "skip"):
+            for pattern in getattr(cfg, key):
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+                    raise RecipeError(
+                        f"prune {key}: {pattern!r} names no layer of this model"
+                        + (f" (close: {', '.join(close)})" if close else ""),
+                        f"use the module names of model.named_modules(), e.g. {', '.join(close or names[:3])}",
+                    )
         ignored = [m for m in (_classifier(model),) if m is not None]
         convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
         if cfg.keep_stem and convs:
             ignored.append(convs[0])
-        ignored += [m for n, m in model.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in cfg.skip)]
+        for n, m in model.named_modules():
+            if not n:
+                continue
+            if any(fnmatch.fnmatchcase(n, p) for p in cfg.skip):
+                ignored.append(m)
+            elif isinstance(m, _PRUNABLE) and not any(fnmatch.fnmatchcase(n, p) for p in cfg.layers):
+                ignored.append(m)
         return ignored
+
+    def _check_requested(self, model: nn.Module, graph, ignored: list[nn.Module]) -> None:
+        """Refuses a layer named in ``layers`` (not by the catch-all ``*``) whose output channels the dependency
+        graph cannot remove: it is kept whole, or coupled with a layer that is, or of a kind without a pruner."""
+        requested = [p for p in self.config.layers if p != "*"]
+        if not requested:
+            return
+        prunable = set()
+        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_PRUNABLE):
+            prunable.update(id(dep.target.module) for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler))
+        for name, m in model.named_modules():
+            if name and any(fnmatch.fnmatchcase(name, p) for p in requested) and isinstance(m, _PRUNABLE):
+                if id(m) not in prunable or m in ignored:
+                    why = "the classifier or the stem" if m in ignored else "coupled with a layer kept whole"
+                    raise RecipeError(
+                        f"prune cannot remove output channels of layer {name!r} ({type(m).__name__}): the dependency "
+                        f"graph keeps it whole ({why})",
+                        "remove it from layers (the classifier's outputs are the classes; keep_stem: false frees the "
+                        "stem), or un-skip the layers it is coupled with",
+                    )
 
     def _importance(self, ctx: CompressionContext):
         import torch_pruning as tp
@@ -207,11 +249,12 @@ class StructuredPrune(Method):
         device = next(model.parameters()).device  # the bare model, where the engine built it (before any wrapper)
         example = ctx.example_input.to(device)
         original = copy.deepcopy(model)
-        before = count_macs(model, example)
+        before = count_macs(model, example.shape[1:])
         importance = self._importance(ctx)
         images = []
         if cfg.importance == "taylor":
             images = [b.to(device) for b in ctx.batches(cfg.calibration_images)]
+        ignored = self._ignored(model)
         pruner = tp.pruner.MetaPruner(
             model,
             example,
@@ -220,15 +263,16 @@ class StructuredPrune(Method):
             pruning_ratio=cfg.max_layer_ratio,
             max_pruning_ratio=cfg.max_layer_ratio,
             iterative_steps=cfg.steps,
-            ignored_layers=self._ignored(model),
+            ignored_layers=ignored,
             round_to=cfg.round_to,
         )
+        self._check_requested(model, pruner.DG, ignored)
         target, after = cfg.macs * before, before
         for _ in range(cfg.steps):
             if images:
                 self._kd_gradients(model, ctx, images)
             pruner.step()
-            previous, after = after, count_macs(model, example)
+            previous, after = after, count_macs(model, example.shape[1:])
             if after <= target:
                 break
         model.zero_grad(set_to_none=True)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimforge.compress.api import method_class
 from slimforge.compress.stats import count_macs, count_parameters
 from slimforge.export.benchmarking.config import BenchConfig
 from slimforge.export.benchmarking.plan import Target
@@ -87,6 +88,15 @@ def model_cost(spec: ModelSpec, allow_factory: bool = False) -> tuple[int, int]:
         model = rebuild_model(spec, allow_factory=allow_factory, opt_in="pass --allow-factory").eval()
         _COST_CACHE[key] = (count_parameters(model), count_macs(model, spec.input_size))
     return _COST_CACHE[key]
+
+
+def model_label(spec: ModelSpec) -> str:
+    """The architecture's name and the structural steps of its recipe (``resnet10t+prune``), so a pruned or
+    factorised student's rows are told apart from the unpruned one's; quantisation shows as the row's precision."""
+    structural = [
+        s.get("method") for s in spec.recipe if not getattr(method_class(s.get("method")), "quantizes", False)
+    ]
+    return "+".join([spec.name, *structural])
 
 
 def _empty_row(target: Target) -> dict[str, Any]:
@@ -183,7 +193,7 @@ class RowRunner:
             try:  # read first so skipped rows are named too; a broken description fails only a measured row
                 meta = artifact_meta(target.path)
                 spec = spec_from_meta(meta, str(target.path))
-                row["model"] = spec.name
+                row["model"] = model_label(spec)
             except Exception as e:
                 meta = e
             if target.skip:

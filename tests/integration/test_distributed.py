@@ -82,26 +82,46 @@ def launch_equivalence_runs(out: Path, runs: dict[str, tuple[str, int]], *overri
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
 
 
-@pytest.mark.slow
-def test_ddp_zero2_zero3_match_a_single_process_run(tmp_path, tiny_teacher):
-    runs = {
-        "single": ("single.yaml", 32),
-        "ddp": ("ddp.yaml", 16),
-        "zero2": ("zero2.yaml", 16),
-        "zero3": ("zero3.yaml", 16),
-        "single_b16": ("single.yaml", 16),
-    }
+# Every equivalence run distils a structurally pruned student: the recipe's prune step runs on the bare model on
+# each rank before accelerator.prepare (ranked by the Taylor importance of the distillation loss on the same
+# calibration images everywhere), so DDP and DeepSpeed wrap a network whose channels are already gone. The
+# student is wide enough (width 128) that its gradient norm exceeds 1, which the clipping test below relies on.
+PRUNED_STUDENT = (
+    "model.kwargs={width: 128}",
+    "compress=[{method: prune, macs: 0.6, importance: taylor, calibration_images: 32}]",
+    "train.log_every=1",
+)
+UNCLIPPED = {
+    "single": ("single.yaml", 32),
+    "ddp": ("ddp.yaml", 16),
+    "zero2": ("zero2.yaml", 16),
+    "zero3": ("zero3.yaml", 16),
+    "single_b16": ("single.yaml", 16),
+}
+
+
+@pytest.fixture(scope="module")
+def unclipped_runs(tmp_path_factory, tiny_teacher) -> Path:
+    """The pruned student distilled once per :data:`UNCLIPPED` launch, without gradient clipping."""
+    out = tmp_path_factory.mktemp("unclipped")
     launch_equivalence_runs(
-        tmp_path,
-        runs,
+        out,
+        UNCLIPPED,
         f"teacher.checkpoint={tiny_teacher}",
         "teacher.allow_factory=true",
         "train.record_samples=true",
         "train.collective_timeout_s=321",
+        *PRUNED_STUDENT,
     )
-    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in runs}
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_zero2_zero3_match_a_single_process_run(unclipped_runs):
+    runs = unclipped_runs
+    summaries = {n: json.loads((runs / n / "summary.json").read_text()) for n in UNCLIPPED}
     for name in ("ddp", "zero2", "zero3"):
-        ranks = [json.loads((tmp_path / name / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        ranks = [json.loads((runs / name / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
         # Each rank draws its own dropout masks, while the data shards stay disjoint and global ...
         assert ranks[0]["dropout_mask_sha256"] != ranks[1]["dropout_mask_sha256"], name
         assert not set(ranks[0]["indices_per_epoch"][0]) & set(ranks[1]["indices_per_epoch"][0]), name
@@ -110,13 +130,17 @@ def test_ddp_zero2_zero3_match_a_single_process_run(tmp_path, tiny_teacher):
     assert summaries["ddp"]["distributed_type"] == "DistributedType.MULTI_CPU"
     assert summaries["zero3"]["topology"]["sharding"] == "DeepSpeed ZeRO-3"
     assert all(s["steps"] == 6 and s["global_batch"] == 32 for n, s in summaries.items() if n != "single_b16")
-    reference = weights(tmp_path / "single" / "checkpoint")
+    reference = weights(runs / "single" / "checkpoint")
+    # Every rank pruned the same channels: the student that trained is the recorded, smaller one.
+    assert reference["2.weight"].shape[0] < 256 and reference["6.weight"].shape[1] == reference["2.weight"].shape[0]
     for name in ("ddp", "zero2", "zero3"):
-        diff = relative_difference(weights(tmp_path / name / "checkpoint"), reference)
+        got = weights(runs / name / "checkpoint")
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in reference.items()}, name
+        diff = relative_difference(got, reference)
         assert diff <= 1e-5, f"{name} differs from the single-process run by {diff:.2e} (relative)"
     # Control: the same single-process run at a different global batch lands measurably elsewhere, so the
     # tolerance above really tells synchronised from unsynchronised training.
-    assert relative_difference(weights(tmp_path / "single_b16" / "checkpoint"), reference) > 1e-3
+    assert relative_difference(weights(runs / "single_b16" / "checkpoint"), reference) > 1e-3
 
 
 def test_fsdp_on_a_cpu_only_machine_is_a_clear_error(tmp_path, tiny_teacher):
@@ -182,14 +206,20 @@ def train_losses(run: Path) -> dict[int, float]:
     return losses
 
 
-QAT_FROZEN = "compress=[{method: qat, calibration_images: 64, freeze_observers_step: 3}]"
+# Sparsity masks grow every 3 updates (the state of update 4 holds the masks of update 3), then quantisation-aware
+# training whose observers freeze at update 3.
+SPARSE_QAT = (
+    "compress=[{method: sparsity, sparsity: 0.5, every: 3},"
+    " {method: qat, calibration_images: 64, freeze_observers_step: 3}]"
+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [[], [QAT_FROZEN]], ids=["fp32", "qat"])
+@pytest.mark.parametrize("recipe", [[], [SPARSE_QAT]], ids=["fp32", "sparsity+qat"])
 def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teacher, recipe):
-    """Killed after the state of update 4 (with QAT: after its observers froze at update 3), relaunched with the
-    same command: the resumed updates give the uninterrupted run's losses, and its weights (and scales)."""
+    """Killed after the state of update 4 (with sparsity and QAT: after a mask update and the observers froze at
+    update 3), relaunched with the same command: the resumed updates give the uninterrupted run's losses, and its
+    weights, zeros and scales."""
     config = "configs/debug/tiny_distill.yaml"
     overrides = [
         *recipe,
@@ -227,6 +257,10 @@ def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teac
     for step in after:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), f"step {step}"
     assert relative_difference(weights(run / "checkpoint"), weights(reference / "checkpoint")) < 1e-6
+    if recipe:
+        conv = weights(run / "checkpoint")["2.conv.weight"]  # the one pruned layer: stem and classifier stay dense
+        assert torch.equal(conv == 0, weights(reference / "checkpoint")["2.conv.weight"] == 0)
+        assert (conv == 0).float().mean() == pytest.approx(0.5, abs=1 / conv.numel())
 
 
 @pytest.mark.slow
@@ -335,29 +369,24 @@ def train_records(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_deepspeed_clips_exactly_as_the_run_config_says(tmp_path, tiny_teacher):
+def test_deepspeed_clips_exactly_as_the_run_config_says(tmp_path, tiny_teacher, unclipped_runs):
     """A student whose gradient norm exceeds 1: without optim.grad_clip, ZeRO-2/3 train as DDP does (Accelerate
-    would otherwise have DeepSpeed clip at 1.0); with optim.grad_clip=0.5 all three clip identically."""
-    config = "configs/debug/tiny_equivalence.yaml"
-    common = [
-        f"teacher.checkpoint={tiny_teacher}",
-        "teacher.allow_factory=true",
-        "data.batch_size=16",
-        "model.kwargs={width: 64}",
-        "train.log_every=1",
-    ]
+    would otherwise have DeepSpeed clip at 1.0; the unclipped runs are the equivalence test's); with
+    optim.grad_clip=0.5 all three clip identically."""
     weights_of = {}
+    for launch_config in ("ddp.yaml", "zero2.yaml", "zero3.yaml"):
+        unclipped = unclipped_runs / launch_config.removesuffix(".yaml")
+        assert json.loads((unclipped / "summary.json").read_text())["topology"]["grad_clip"] is None
+        weights_of[launch_config, "null"] = weights(unclipped / "checkpoint")
+        out = tmp_path / launch_config
+        proc = distill_tiny(launch_config, tiny_teacher, out, "data.batch_size=16", "optim.grad_clip=0.5",
+                            *PRUNED_STUDENT)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["topology"]["grad_clip"] == 0.5
+        weights_of[launch_config, "0.5"] = weights(out / "checkpoint")
+    norms = [r["grad_norm"] for r in train_records(unclipped_runs / "ddp")]
+    assert max(norms) > 1.0, norms  # the unclipped norm exceeds DeepSpeed's old default of 1.0
     for clip in ("null", "0.5"):
-        for launch_config in ("ddp.yaml", "zero2.yaml", "zero3.yaml"):
-            out = tmp_path / f"{launch_config}_{clip}"
-            proc = launch(launch_config, "train/distill.py", config, *common, f"optim.grad_clip={clip}",
-                          f"train.output_dir={out}")  # fmt: skip
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            topology = json.loads((out / "summary.json").read_text())["topology"]
-            assert topology["grad_clip"] == (None if clip == "null" else 0.5)
-            weights_of[launch_config, clip] = weights(out / "checkpoint")
-        norms = [r["grad_norm"] for r in train_records(tmp_path / f"ddp.yaml_{clip}")]
-        assert max(norms) > 1.0, norms  # the unclipped norm exceeds DeepSpeed's old default of 1.0
         for launch_config in ("zero2.yaml", "zero3.yaml"):
             diff = relative_difference(weights_of[launch_config, clip], weights_of["ddp.yaml", clip])
             assert diff <= 1e-5, f"{launch_config} with optim.grad_clip={clip} differs from DDP by {diff:.2e}"

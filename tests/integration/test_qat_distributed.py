@@ -1,7 +1,8 @@
 """Quantisation-aware training under the real launchers: `accelerate launch` with 2 CPU processes over gloo.
 
 - Under DDP and DeepSpeed ZeRO-2 both ranks hold the same activation scales (every observer reduces each batch's
-  range across ranks), and weights and scales equal a single-process run at the same global batch.
+  range across ranks), and weights (batch norm folded) and scales equal a single-process run at the same global
+  batch.
 - ZeRO-3 is refused with one message before any output.
 
 (A QAT run killed with SIGKILL after its observers froze resumes onto the uninterrupted losses:
@@ -26,6 +27,9 @@ from tests.integration.test_distributed import (
 )
 
 QAT = "compress=[{method: qat, calibration_images: 64, freeze_observers_step: 4}]"
+# Batch norm on running statistics from the first update (freeze_bn_step 0), so a per-rank half batch normalises as
+# the whole batch does; convert then folds it into each convolution's weight, in place, after the last update.
+BN_STUDENT = ("model.name=tests.factories:tiny_bn_convnet", QAT.replace("}]", ", freeze_bn_step: 0}]"))
 
 
 def scales_and_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -45,7 +49,7 @@ def test_qat_under_ddp_and_zero2_matches_a_single_process_run(tmp_path, tiny_tea
         runs,
         f"teacher.checkpoint={tiny_teacher}",
         "teacher.allow_factory=true",
-        QAT,
+        *BN_STUDENT,
         "train.record_samples=true",
     )
     ref_scales, ref_weights = scales_and_weights(tmp_path / "single" / "checkpoint")
@@ -59,6 +63,14 @@ def test_qat_under_ddp_and_zero2_matches_a_single_process_run(tmp_path, tiny_tea
         assert relative_difference(scales, ref_scales) <= 1e-5, name
         recipe = load_checkpoint(tmp_path / name / "checkpoint", allow_factory=True)[1].recipe
         assert [s["method"] for s in recipe] == ["qat"] and recipe[0]["record"]["stage"] == "converted"
+    # The saved convolutions hold the folded batch norm (DeepSpeed's master copies predate the fold): the loaded
+    # model computes what the single-process one does.
+    images = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        reference = load_checkpoint(tmp_path / "single" / "checkpoint", allow_factory=True)[0].eval()(images)
+        for name in ("ddp", "zero2"):
+            got = load_checkpoint(tmp_path / name / "checkpoint", allow_factory=True)[0].eval()(images)
+            assert torch.allclose(got, reference, rtol=1e-4, atol=1e-4), name
 
 
 def test_qat_under_zero3_is_refused_before_any_output(tmp_path, tiny_teacher):  # noqa: F811

@@ -63,7 +63,9 @@ class RecipeRun:
                     "launch it with configs/accelerate/ddp.yaml, zero1.yaml or zero2.yaml",
                 )
 
-    def prepare(self, model: nn.Module, example: torch.Tensor, batches, device, teacher) -> nn.Module:
+    def prepare(
+        self, model: nn.Module, example: torch.Tensor, batches, device, teacher, total_steps: int | None = None
+    ) -> nn.Module:
         """Applies every step's ``prepare`` to the bare student and returns it.
 
         Args:
@@ -72,8 +74,11 @@ class RecipeRun:
             batches: ``n -> iterator`` of ``[B, C, H, W]`` training images (evaluation transform, same on every rank).
             device: The rank's device.
             teacher: The frozen teacher, or None.
+            total_steps: The run's number of optimizer updates (schedules that end with the run), or None.
         """
-        ctx = CompressionContext(example_input=example, device=device, batches=batches, teacher=teacher)
+        ctx = CompressionContext(
+            example_input=example, device=device, batches=batches, teacher=teacher, total_steps=total_steps
+        )
         for m in self.methods:
             try:
                 model = m.prepare(model, ctx)

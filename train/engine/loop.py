@@ -96,6 +96,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     teacher = teacher_spec = None
     if distill:
         teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *shape)
+        # Frozen before compression steps see it: a Taylor ranking or calibration pass must not update its
+        # batch-norm statistics or compute with batch statistics.
+        freeze_(teacher)
     recipe = RecipeRun(cfg.compress, loaded=spec.recipe)  # a loaded student's steps stay first
     recipe.check_model(student)
 
@@ -116,14 +119,20 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             "lower data.batch_size or use more data",
         )
     prepare_run_folder(accelerator, out, cfg.train.overwrite)  # rank 0 decides, every rank follows
+    train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed)
+    # The update count for compression schedules that end with the run, before Accelerate shards the loader: each
+    # rank will iterate len // processes batches of this drop_last loader (checked against the sharded one below).
+    per_rank = len(train_loader) // accelerator.num_processes
+    planned_steps = cfg.train.epochs * math.ceil(per_rank / cfg.train.grad_accum_steps)
+    if cfg.train.max_steps is not None:
+        planned_steps = min(planned_steps, cfg.train.max_steps)
     if recipe:  # compression acts on the bare model, before any wrapper
         example = torch.zeros(1, *info["input_size"])
         batches = calibration_batches(splits.train, cfg.data)
-        student = recipe.prepare(student, example, batches, accelerator.device, teacher)
+        student = recipe.prepare(student, example, batches, accelerator.device, teacher, planned_steps)
     topology = describe_topology(accelerator, cfg)
     lr = scaled_lr(cfg.optim, topology["global_batch"])
     configured = build_optimizer(student, cfg.optim, lr)
-    train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed)
     val_loader = build_loader(splits.val, cfg.data, is_training=False)
     deepspeed_autocast(accelerator)  # DeepSpeed bf16 trains as DDP's autocast does
     buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics in fp16 too
@@ -134,12 +143,16 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     total_steps = cfg.train.epochs * updates_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
+    if recipe and total_steps != planned_steps:
+        raise SlimforgeError(
+            f"the sharded training loader gives {total_steps} updates, the compression steps were planned for "
+            f"{planned_steps}: this launch shards batches in a way the engine does not expect",
+            "report this with the launch config; run without compress steps meanwhile",
+        )
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs * updates_per_epoch, lr)
     if teacher is not None:
         # Outside any wrapper Accelerate manages: no gradient sync, no optimizer state, not saved.
-        teacher = place_teacher(
-            freeze_(teacher), cfg.train.teacher_placement, accelerator.device, accelerator.num_processes
-        )
+        teacher = place_teacher(teacher, cfg.train.teacher_placement, accelerator.device, accelerator.num_processes)
         task = DistillationTask(teacher, cfg.loss)
     else:
         task = SupervisedTask(cfg.loss)

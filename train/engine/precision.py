@@ -175,8 +175,9 @@ def match_input_dtype(module: nn.Module) -> None:
 def final_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
     """The student's weights to save: every rank calls it (it gathers shards).
 
-    Under DeepSpeed, each parameter is taken from DeepSpeed's FP32 master copy (frozen parameters, which have
-    none, and buffers from the module, in FP32); otherwise ``accelerator.get_state_dict``.
+    Under DeepSpeed, each parameter is taken from DeepSpeed's FP32 master copy where the module holds that copy
+    (frozen parameters, which have none, values a compression step's ``convert`` rewrote after the last update, and
+    buffers come from the module, in FP32); otherwise ``accelerator.get_state_dict``.
     """
     state = accelerator.get_state_dict(model)
     if deepspeed_plugin(accelerator) is None:
@@ -186,8 +187,15 @@ def final_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
     module = accelerator.unwrap_model(model)
     for name, param in module.named_parameters():
         master = safe_get_full_fp32_param(param)  # a collective: all-gathers the FP32 partitions
-        if master is not None and state is not None and name in state:
-            state[name] = master.detach().cpu().reshape(state[name].shape)
+        if master is None or state is None or name not in state:
+            continue
+        saved = state[name]
+        master = master.detach().cpu().reshape(saved.shape)
+        # A compression step's convert (folding batch norm into a quantised convolution) rewrites a weight in place
+        # after the last update, and DeepSpeed's master still holds the value before it: the master replaces only
+        # a module value that is its copy (equal once rounded to the module's precision).
+        if torch.equal(master.to(saved.dtype), saved.cpu()):
+            state[name] = master
     if state is None:  # not the main process under ZeRO-3 (Accelerate returns the gathered dict on rank 0)
         return state
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -10,9 +10,10 @@ import torch
 
 from slimforge.compress.api import CompressionContext, RecipeError, rebuild
 from slimforge.compress.compress import main as compress_main
-from slimforge.compress.prune.structured import count_macs
+from slimforge.compress.stats import count_macs
 from slimforge.export.artifacts import ExportConfig, export_checkpoint
 from slimforge.export.evaldata import ValidationSet
+from slimforge.export.export import main as export_main
 from slimforge.train.checkpoint import load_checkpoint
 from slimforge.train.config import from_dict
 from slimforge.train.recipe import build_methods
@@ -34,12 +35,12 @@ def test_channels_are_removed_to_the_mac_target_and_rebuild_from_the_record_alon
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, in_chans=1)
     x = torch.randn(4, 1, 32, 32)
-    before, size = count_macs(model, x[:1]), params(model)
+    before, size = count_macs(model, x.shape[1:]), params(model)
     stem_shape, head_shape = first_conv(model).weight.shape, model.get_classifier().weight.shape
     (step,) = build_methods([{"method": "prune", "macs": 0.5}])
     pruned = step.prepare(model, CompressionContext(example_input=x[:1])).eval()
 
-    after = count_macs(pruned, x[:1])
+    after = count_macs(pruned, x.shape[1:])
     assert abs(after - 0.5 * before) <= 0.03 * 0.5 * before, f"{after / before:.3f} of the MACs"
     assert step.record["macs_before"] == before and step.record["macs_after"] == after
     assert params(pruned) < 0.75 * size  # whole channels are gone, not zeroed
@@ -65,9 +66,9 @@ def test_taylor_importance_ranks_by_the_distillation_loss_and_needs_a_teacher():
     with pytest.raises(RecipeError, match="importance 'taylor' ranks channels by the distillation loss"):
         step.prepare(student, ctx)
     ctx.teacher = teacher
-    before = count_macs(student, images[:1])
+    before = count_macs(student, images.shape[1:])
     pruned = step.prepare(student, ctx)
-    assert abs(count_macs(pruned, images[:1]) - 0.8 * before) <= 0.04 * 0.8 * before  # 30 coarser steps
+    assert abs(count_macs(pruned, images.shape[1:]) - 0.8 * before) <= 0.04 * 0.8 * before  # 30 coarser steps
     assert all(p.grad is None for p in pruned.parameters())  # the ranking's gradients do not leak into training
 
 
@@ -125,3 +126,59 @@ def test_the_one_shot_entry_refuses_a_training_step(trained_resnet, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "'qat' trains the model: use it in train/distill.py" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "needles"),
+    [
+        ({"layers": ["fc"]}, ["layer 'fc' (Linear)", "the classifier or the stem", "remove it from layers"]),
+        ({"layers": ["conv1.0"]}, ["layer 'conv1.0' (Conv2d)", "keep_stem: false"]),
+        ({"skip": ["layer9.*"]}, ["skip: 'layer9.*' names no layer", "close: "]),
+        ({"layers": ["layer1.0.conv"]}, ["layers: 'layer1.0.conv' names no layer", "layer1.0.conv1"]),
+    ],
+    ids=["classifier", "stem", "skip-unknown", "layers-unknown"],
+)
+def test_a_layer_that_cannot_be_pruned_is_refused_by_name(options, needles):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    (step,) = build_methods([{"method": "prune", "macs": 0.5, **options}])
+    with pytest.raises(RecipeError) as e:
+        step.prepare(model, CompressionContext(example_input=torch.randn(1, 1, 32, 32)))
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_named_layers_prune_only_where_asked():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    (step,) = build_methods([{"method": "prune", "macs": 0.9, "layers": ["layer3.*", "layer4.*"]}])
+    pruned = step.prepare(model, CompressionContext(example_input=torch.randn(1, 1, 32, 32)))
+    changed = {n.split(".")[0] for n, p in pruned.named_parameters() if p.shape != shapes[n]}
+    assert changed and changed <= {"layer3", "layer4", "fc"}, changed  # fc loses inputs, never outputs
+
+
+def test_a_target_outside_0_1_stops_the_entry_before_any_output(trained_resnet, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("compress: [{method: prune, macs: 1.5}]\n")
+    code = compress_main(["--checkpoint", str(trained_resnet), "--config", str(config), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "macs: 1.5 must be in (0, 1)" in err and err.count("error") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_recipe_that_does_not_fit_the_architecture_is_refused_naming_the_layer(trained_resnet, tmp_path, capsys):
+    """A pruned checkpoint whose description names another architecture: the recorded channel counts are for
+    layers that architecture does not have, and loading it names the first one instead of failing on a shape."""
+    out = tmp_path / "pruned"
+    config = ROOT / "configs/compress/prune_half.yaml"
+    assert compress_main(["--checkpoint", str(trained_resnet), "--config", str(config), "--out", str(out),
+                          "rounds=1", "runs=2"]) == 0  # fmt: skip
+    meta_path = out / "checkpoint" / "slimforge.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["name"] = "mobilenetv3_small_050"
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    code = export_main(["--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "export")])
+    err = capsys.readouterr().err
+    assert code != 0 and "prune recorded layer 'conv1." in err and "this architecture does not have" in err, err
+    assert not (tmp_path / "export").exists() or not any((tmp_path / "export").iterdir())

@@ -30,7 +30,7 @@ MNIST = tiny_data_config()
         ({"method": "ptq", "calibrator": "kl"}, "[0].calibrator: 'kl' is not one of"),
         ({"method": "lowrank", "energy": 0.9, "rank_ratio": 0.5}, "set exactly one of them"),
         ({"method": "pruning"},
-         "[0].method: unknown compression method 'pruning' (available: lowrank, prune, ptq, qat)"),
+         "[0].method: unknown compression method 'pruning' (available: lowrank, prune, ptq, qat, sparsity)"),
         ({"method": "prune", "macs": 1.5}, "[0].macs: 1.5 must be in (0, 1), the share of MACs kept"),
     ],
     ids=["unknown-option", "activation-type", "tensorrt-activations", "no-calibration", "calibrator", "lowrank",
