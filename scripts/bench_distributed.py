@@ -9,6 +9,17 @@ the run's summary.json: steady-state training images/s (3rd update to last, no e
 parameters + optimizer state each rank holds (train/memory.py), and the teacher parameter bytes each rank holds
 (the `+sharded-teacher` rows use train.teacher_placement=sharded). Strategies the machine cannot run are listed
 as skipped with the reason. The same script runs unchanged on a GPU machine.
+
+Two modes time the demo's teacher stage instead (configs/train/teacher_mnist.yaml under single.yaml, 1 epoch):
+
+    .venv/bin/python scripts/bench_distributed.py --threads-check   # images/s at 1 thread vs the default rule
+    .venv/bin/python scripts/bench_distributed.py --loader-only     # its training DataLoader alone vs training
+
+--threads-check launches it twice, with OMP_NUM_THREADS=1 exported (what `accelerate launch` used to leave every
+CPU process with) and with OMP_NUM_THREADS unset (train.cpu_threads' default rule: usable cores ÷ local
+processes), and prints both runs' images/s and their ratio. --loader-only iterates the same config's training
+DataLoader (train/data.py build_loader) for one epoch without a model, in this process, and prints its images/s
+beside the training run's: when the two are close, the loader is the bottleneck.
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +48,8 @@ STRATEGIES = {
     "zero3-1proc": ("zero3.yaml", 1, ()),
     "fsdp": ("fsdp.yaml", 2, ()),
 }
+# The demo's teacher stage: (launch config, run config); one epoch, so one epoch of its loader compares.
+DEMO = ("configs/accelerate/single.yaml", "configs/train/teacher_mnist.yaml")
 
 
 def unavailable(name: str) -> str | None:
@@ -97,13 +112,100 @@ def run(name: str, entry: str, teacher: Path, out: Path, args) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def run_demo(out: Path, omp_num_threads: str | None) -> dict:
+    """One epoch of the demo's teacher stage; ``omp_num_threads`` None launches with the variable unset."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if omp_num_threads is not None:
+        env["OMP_NUM_THREADS"] = omp_num_threads
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", DEMO[0], "train/train.py", "--config", DEMO[1]]
+    cmd += ["train.epochs=1", f"train.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip()[-2000:] or "failed")
+    summary = json.loads((out / "summary.json").read_text())
+    rank = summary["topology"]["ranks"][0]
+    row = {k: summary[k] for k in ("steady_images_per_second", "train_images_per_second", "train_seconds")}
+    return row | {"threads": rank["threads"], "threads_rule": rank.get("threads_rule", "not recorded")}
+
+
+def loader_only() -> dict:
+    """One epoch of the demo config's training DataLoader with no model: images/s from its 3rd batch to the last
+    (as training's steady figure: worker start-up excluded) and over the whole epoch."""
+    from slimforge.train.config import load_config
+    from slimforge.train.data import build_loader, load_splits
+    from slimforge.train.schema import RunConfig
+
+    cfg = load_config(RunConfig, str(ROOT / DEMO[1]), ["train.epochs=1"])
+    loader = build_loader(load_splits(cfg.data).train, cfg.data, is_training=True, seed=cfg.train.seed)
+    start, images, steady = time.perf_counter(), 0, None
+    for i, batch in enumerate(loader, start=1):
+        images += batch["label"].shape[0]
+        if i == 3:
+            steady = (time.perf_counter(), images)
+    end = time.perf_counter()
+    return {
+        "steady_images_per_second": round((images - steady[1]) / (end - steady[0]), 1),
+        "epoch_images_per_second": round(images / (end - start), 1),
+        "num_workers": cfg.data.num_workers,
+        "batches": len(loader),
+    }
+
+
+def demo_checks(args) -> int:
+    """The --threads-check and --loader-only modes (one training run serves both)."""
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.threads_check:
+            print("[bench] demo teacher stage, OMP_NUM_THREADS=1 ...", file=sys.stderr, flush=True)
+            rows["before: OMP_NUM_THREADS=1"] = run_demo(Path(tmp) / "omp1", "1")
+        print("[bench] demo teacher stage, OMP_NUM_THREADS unset ...", file=sys.stderr, flush=True)
+        rows["after: default rule"] = after = run_demo(Path(tmp) / "default", None)
+    print(f"\nDemo teacher stage, 1 epoch: accelerate launch --config_file {DEMO[0]} train/train.py --config {DEMO[1]}")
+    print(f"usable cores {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}\n")
+    print("| run | intra-op threads (rule) | steady img/s | whole-run img/s | seconds |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['threads']} ({r['threads_rule']}) | {r['steady_images_per_second']} | "
+            f"{r['train_images_per_second']} | {r['train_seconds']} |"
+        )
+    if args.threads_check:
+        before = rows["before: OMP_NUM_THREADS=1"]
+        ratio = after["steady_images_per_second"] / before["steady_images_per_second"]
+        print(f"\nafter / before (steady images/s): {ratio:.2f}")
+    if args.loader_only:
+        print("[bench] its training DataLoader alone ...", file=sys.stderr, flush=True)
+        loader = loader_only()
+        share = after["steady_images_per_second"] / loader["steady_images_per_second"]
+        print(f"\nThe same config's training DataLoader, 1 epoch, no model ({loader['num_workers']} worker(s)):\n")
+        print("| what | steady img/s | whole-epoch img/s |")
+        print("|---|---|---|")
+        print(f"| loader only | {loader['steady_images_per_second']} | {loader['epoch_images_per_second']} |")
+        print(f"| training | {after['steady_images_per_second']} | {after['train_images_per_second']} |")
+        # The workers prefetch while the model steps, so a loader-bound run trains at close to the loader's rate;
+        # 0.8 leaves room for the step's own host work (the main process collects each batch from the worker).
+        verdict = "the loader is the bottleneck" if share > 0.8 else "the model step is the bottleneck"
+        print(f"\ntraining runs at {share:.2f} of the loader's rate: {verdict}")
+    if args.json:
+        args.json.write_text(json.dumps(rows | ({"loader_only": loader} if args.loader_only else {}), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--steps", type=int, default=30, help="optimizer updates per run (%(default)s)")
     parser.add_argument("--batch", type=int, default=32, help="per-rank micro-batch (%(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--threads-check", action="store_true", help="demo teacher stage: images/s at 1 thread vs the default"
+    )
+    parser.add_argument(
+        "--loader-only", action="store_true", help="demo teacher stage: its DataLoader alone vs training"
+    )
     args = parser.parse_args(argv)
+    if args.threads_check or args.loader_only:
+        return demo_checks(args)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -72,8 +72,15 @@ class TrainConfig:
     layers being gathered; an all-gather of the teacher per micro-batch); needs >= 2 processes. See
     train/placement.py."""
 
+    cpu_threads: int | None = None
+    """Intra-op threads per process of a CPU run (a GPU run keeps torch's default). null: the user's
+    ``OMP_NUM_THREADS`` if they set one, else usable cores ÷ processes on this machine (``accelerate launch``'s own
+    ``OMP_NUM_THREADS=1`` is not the user's and is replaced); an int: exactly that many. The log and
+    ``summary.json`` (``topology.ranks``) give each rank's count and the rule that chose it."""
+
     def validate(self) -> list[str]:
         p = at_least(self, 1, "epochs", "grad_accum_steps", "keep_states", "log_every", "max_steps", "checkpoint_every")
+        p += at_least(self, 1, "cpu_threads")
         p += at_least(self, 10, "collective_timeout_s")
         if not self.output_dir:
             p.append("output_dir: must be a folder path")

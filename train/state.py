@@ -29,7 +29,7 @@ PREFIX = "step_"
 FREE_FIELDS = frozenset(
     {
         "train.output_dir", "train.log_every", "train.overwrite", "train.tensorboard", "train.record_samples",
-        "train.checkpoint_every", "train.keep_states", "train.resume", "train.max_steps",
+        "train.checkpoint_every", "train.keep_states", "train.resume", "train.max_steps", "train.cpu_threads",
         "train.collective_timeout_s", "data.num_workers", "data.eval_batch_size", "data.max_val_samples",
         "model.allow_factory", "teacher.allow_factory",
     }

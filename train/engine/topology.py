@@ -1,5 +1,5 @@
-"""The Accelerator for the launched topology, the checks that it is what the launcher asked for, and the record of
-what took effect (logged at start and stored in ``summary.json``)."""
+"""The Accelerator for the launched topology, the checks that it is what the launcher asked for, the intra-op
+threads of a CPU process, and the record of what took effect (logged at start and stored in ``summary.json``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,18 @@ import torch
 from slimforge.train.errors import SlimforgeError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from slimforge.train.schema import RunConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
+
+# Variables only a launcher writes into the processes it starts: every `accelerate launch` launcher sets
+# ACCELERATE_MIXED_PRECISION, torchrun sets TORCHELASTIC_RUN_ID. Both also set OMP_NUM_THREADS (to 1 by default)
+# when the user did not.
+LAUNCHER_MARKERS = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
+# Where launchers put the number of processes on this machine (torchrun, then MPI flavours, as Accelerate reads it).
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 
 
 def deepspeed_plugin(accelerator):
@@ -61,7 +70,119 @@ def build_accelerator(cfg: TrainConfig):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps),
     )
     check_topology(accelerator, cfg)
+    # Before any training compute and before the DataLoader's workers start (they run 1 thread each, torch's
+    # default in workers); after the Accelerator, which may set its own count on MULTI_CPU.
+    threads, _ = cpu_threads_rule(cfg.cpu_threads, accelerator.device.type == "cpu")
+    if threads is not None:
+        torch.set_num_threads(threads)
     return accelerator
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a container's cpuset), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_processes(environ: Mapping[str, str]) -> int:
+    """How many processes of this launch share this machine: the launcher's local world size, else the whole
+    world (never fewer than there are, so the cores are never oversubscribed)."""
+    for name in LOCAL_SIZE_VARS:
+        if environ.get(name, "").isdigit():
+            return max(int(environ[name]), 1)
+    return max(int(environ.get("WORLD_SIZE", "1")), 1)
+
+
+def launcher_process() -> tuple[dict[str, str], list[str]] | None:
+    """The environment the parent process was started with and its command line, or None where Linux ``/proc``
+    cannot be read.
+
+    ``/proc/<pid>/environ`` holds a process's environment as it was at exec: what the launcher added afterwards
+    for its children (``accelerate launch``'s ``OMP_NUM_THREADS``) is not there.
+    """
+    parent = Path("/proc") / str(os.getppid())
+    try:
+        environ = (parent / "environ").read_bytes().decode(errors="replace")
+        argv = (parent / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    pairs = (item.partition("=") for item in environ.split("\0") if item)
+    return {key: value for key, _, value in pairs}, argv.split("\0")
+
+
+def omp_set_by_user(environ: Mapping[str, str], launcher: tuple[Mapping[str, str], list[str]] | None) -> bool | None:
+    """Whether ``OMP_NUM_THREADS`` in ``environ`` is the user's rather than a launcher's default; None: cannot tell.
+
+    ``accelerate launch`` writes ``OMP_NUM_THREADS`` into every process it starts (the user's value if exported or
+    given as ``--num_cpu_threads_per_process``; else 1, or physical cores ÷ local processes on a ``--cpu`` launch)
+    and leaves no marker of having done so; torchrun writes 1 for more than one process. So
+    the value is the user's when no launcher started this process, when the launcher itself was started with it,
+    or when the launcher's ``--num_cpu_threads_per_process`` flag gave it.
+
+    Args:
+        environ: This process's environment.
+        launcher: The parent's start-up environment and command line (:func:`launcher_process`).
+    """
+    if "OMP_NUM_THREADS" not in environ:
+        return False
+    if not any(name in environ for name in LAUNCHER_MARKERS):
+        return True
+    if launcher is None:
+        return None
+    launcher_env, launcher_argv = launcher
+    # argparse also takes an unambiguous prefix of the flag (--num_cpu ...).
+    return "OMP_NUM_THREADS" in launcher_env or any(arg.startswith("--num_cpu") for arg in launcher_argv)
+
+
+def plan_cpu_threads(
+    configured: int | None,
+    environ: Mapping[str, str],
+    launcher: tuple[Mapping[str, str], list[str]] | None,
+    cores: int,
+) -> tuple[int | None, str]:
+    """Intra-op threads for one process of a CPU run, and the rule that chose them (for the log).
+
+    ``train.cpu_threads`` wins; else a user's ``OMP_NUM_THREADS`` is kept; else usable cores ÷ processes on this
+    machine (at least 1), replacing a launcher's default.
+
+    Args:
+        configured: ``train.cpu_threads`` (None: automatic).
+        environ: This process's environment.
+        launcher: The parent's start-up environment and command line (:func:`launcher_process`).
+        cores: Cores this process may run on (:func:`usable_cores`).
+
+    Returns:
+        The thread count to set (None: keep torch's, which it took from ``OMP_NUM_THREADS``) and why.
+
+    Example:
+        >>> plan_cpu_threads(None, {"OMP_NUM_THREADS": "1", "ACCELERATE_MIXED_PRECISION": "no"}, ({}, []), 8)
+        (8, "8 usable cores ÷ 1 local process; OMP_NUM_THREADS=1 is the launcher's default, not the user's")
+    """
+    if configured is not None:
+        return configured, f"train.cpu_threads={configured}"
+    omp = environ.get("OMP_NUM_THREADS")
+    user = omp_set_by_user(environ, launcher)
+    if user:
+        return None, (
+            f"OMP_NUM_THREADS={omp} set by the user (exported, or the launcher's --num_cpu_threads_per_process); "
+            "train.cpu_threads overrides it"
+        )
+    if user is None:
+        return None, (
+            f"OMP_NUM_THREADS={omp} kept: the launcher's environment cannot be read to tell the user's value from "
+            "the launcher's default; set train.cpu_threads to choose"
+        )
+    local = local_processes(environ)
+    why = "OMP_NUM_THREADS unset" if omp is None else f"OMP_NUM_THREADS={omp} is the launcher's default, not the user's"
+    return max(cores // local, 1), f"{cores} usable cores ÷ {local} local process{'es' if local > 1 else ''}; {why}"
+
+
+def cpu_threads_rule(configured: int | None, on_cpu: bool) -> tuple[int | None, str]:
+    """:func:`plan_cpu_threads` for this process; a GPU run keeps torch's threads (None)."""
+    if not on_cpu:
+        return None, "GPU run: torch's default, left as it is"
+    return plan_cpu_threads(configured, os.environ, launcher_process(), usable_cores())
 
 
 def check_topology(accelerator, cfg: TrainConfig) -> None:
@@ -164,6 +285,8 @@ def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
         "host": socket.gethostname(),
         "device": str(accelerator.device),
         "threads": torch.get_num_threads(),
+        # Recomputed, not remembered: the same environment gives the rule build_accelerator applied.
+        "threads_rule": cpu_threads_rule(cfg.train.cpu_threads, accelerator.device.type == "cpu")[1],
         "collective_timeout_s": _collective_timeout(accelerator.device),
     }
     accum = cfg.train.grad_accum_steps
@@ -213,11 +336,12 @@ def log_topology(topology: dict[str, Any], cfg: RunConfig, lr: float, total_step
     )
     for r in topology["ranks"]:
         logger.info(
-            "rank %d (local %d) on %s: device %s, %d threads, collective timeout %s s",
+            "rank %d (local %d) on %s: device %s, %d intra-op threads (%s), collective timeout %s s",
             r["rank"],
             r["local_rank"],
             r["host"],
             r["device"],
             r["threads"],
+            r["threads_rule"],
             r["collective_timeout_s"],
         )
