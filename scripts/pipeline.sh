@@ -19,7 +19,7 @@ $BIN/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes
   --config configs/distill/mnist_resnet18_to_resnet10t.yaml \
   teacher.checkpoint="$RUN/teacher/checkpoint" train.output_dir="$RUN/student" train.overwrite=true
 
-echo "== 3/6 prune half of the student's MACs, then distil it back ($RUN/student_pruned)"
+echo "== 3/6 prune 45% of the student's MACs (channel counts multiples of 8), then distil it back ($RUN/student_pruned)"
 $BIN/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes "$NPROC" train/distill.py \
   --config configs/distill/mnist_resnet10t_pruned.yaml model.checkpoint="$RUN/student/checkpoint" \
   teacher.checkpoint="$RUN/teacher/checkpoint" train.output_dir="$RUN/student_pruned" train.overwrite=true

@@ -157,6 +157,17 @@ class StructuredPrune(Method):
     def check_model(self, model: nn.Module) -> None:
         if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules()):
             raise RecipeError("prune removes channels of convolutions and linear layers, and this model has none")
+        # Removing attention heads needs each attention module's head count and head size changed with its
+        # projections, which the recorded channel attributes do not cover: refused rather than rebuilt wrongly.
+        attention = [
+            n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) or hasattr(m, "num_heads")
+        ]
+        if attention:
+            raise RecipeError(
+                f"prune removes channels of convolutional networks; this model has attention layers ({attention[0]!r}"
+                f"{f' and {len(attention) - 1} more' if len(attention) > 1 else ''}), whose heads it does not prune",
+                "compress a transformer with lowrank or sparsity, or distil it into a CNN student and prune that",
+            )
 
     def _ignored(self, model: nn.Module) -> list[nn.Module]:
         """The layers kept whole: the classifier, the stem (``keep_stem``), ``skip``, and every prunable layer no
@@ -287,7 +298,8 @@ class StructuredPrune(Method):
             raise RecipeError(
                 f"prune's last step went from {previous / before:.1%} to {after / before:.1%} of the MACs, past the "
                 f"{cfg.macs:.0%} asked for (±3%){rounding}",
-                "set global_ranking: true (finer steps), raise steps, or set round_to: null",
+                ("" if cfg.global_ranking else "set global_ranking: true (finer steps), ")
+                + "raise steps, ask for a macs on either side of that step, or set round_to: null",
             )
         change = structure_change(structure(original), structure(model))
         self._check_rebuild(original, model, change, example)

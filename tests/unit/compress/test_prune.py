@@ -182,3 +182,11 @@ def test_a_recipe_that_does_not_fit_the_architecture_is_refused_naming_the_layer
     err = capsys.readouterr().err
     assert code != 0 and "prune recorded layer 'conv1." in err and "this architecture does not have" in err, err
     assert not (tmp_path / "export").exists() or not any((tmp_path / "export").iterdir())
+
+
+def test_attention_heads_are_refused_instead_of_rebuilt_wrongly():
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8)
+    (step,) = build_methods([{"method": "prune", "macs": 0.5}])
+    with pytest.raises(RecipeError, match="attention layers \\('blocks.0.attn' and 11 more\\)") as e:
+        step.check_model(vit)
+    assert "lowrank or sparsity" in e.value.fix
