@@ -140,6 +140,11 @@ def apply_structure(model: nn.Module, change: dict[str, dict[str, Any]]) -> nn.M
 _PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 
 
+def _stem(model: nn.Module) -> nn.Module | None:
+    """The first convolution (it sees the raw image), or None."""
+    return next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+
+
 def _classifier(model: nn.Module) -> nn.Module | None:
     head = getattr(model, "get_classifier", None)
     if callable(head) and isinstance(head(), nn.Module):
@@ -187,10 +192,7 @@ class StructuredPrune(Method):
                         + (f" (close: {', '.join(close)})" if close else ""),
                         f"use the module names of model.named_modules(), e.g. {', '.join(close or names[:3])}",
                     )
-        ignored = [m for m in (_classifier(model),) if m is not None]
-        convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-        if cfg.keep_stem and convs:
-            ignored.append(convs[0])
+        ignored = [m for m in (_classifier(model), _stem(model) if cfg.keep_stem else None) if m is not None]
         for n, m in model.named_modules():
             if not n:
                 continue

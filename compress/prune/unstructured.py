@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimforge.compress.api import CompressionContext, Method, MethodConfig, RecipeError, register_method
-from slimforge.compress.prune.structured import _classifier
+from slimforge.compress.prune.structured import _classifier, _stem
 from slimforge.compress.quantize.fakequant import quantizers
 
 logger = logging.getLogger(__name__)
@@ -171,9 +171,8 @@ class UnstructuredSparsity(Method):
         dense: list[nn.Module] = []
         if cfg.keep_classifier and (head := _classifier(model)) is not None:
             dense.append(head)
-        convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-        if cfg.keep_stem and convs:
-            dense.append(convs[0])
+        if cfg.keep_stem and (stem := _stem(model)) is not None:
+            dense.append(stem)
         return [
             (name, m)
             for name, m in model.named_modules()

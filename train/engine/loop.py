@@ -20,7 +20,7 @@ import torch
 from slimforge.train.errors import SlimforgeError
 
 if TYPE_CHECKING:
-    from slimforge.train.schema import RunConfig
+    from slimforge.train.schema import RunConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ def _dropout_probe() -> str:
     with torch.random.fork_rng(devices=[]):
         mask = torch.nn.functional.dropout(torch.ones(256), p=0.5)
     return hashlib.sha256(mask.numpy().tobytes()).hexdigest()[:16]
+
+
+def _update_count(batches_per_epoch: int, train: TrainConfig) -> int:
+    """Optimizer updates of the run: every epoch's batches in groups of ``grad_accum_steps`` (the last partial group
+    steps too), at most ``max_steps``."""
+    total = train.epochs * math.ceil(batches_per_epoch / train.grad_accum_steps)
+    return total if train.max_steps is None else min(total, train.max_steps)
 
 
 def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
@@ -122,10 +129,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed)
     # The update count for compression schedules that end with the run, before Accelerate shards the loader: each
     # rank will iterate len // processes batches of this drop_last loader (checked against the sharded one below).
-    per_rank = len(train_loader) // accelerator.num_processes
-    planned_steps = cfg.train.epochs * math.ceil(per_rank / cfg.train.grad_accum_steps)
-    if cfg.train.max_steps is not None:
-        planned_steps = min(planned_steps, cfg.train.max_steps)
+    planned_steps = _update_count(len(train_loader) // accelerator.num_processes, cfg.train)
     if recipe:  # compression acts on the bare model, before any wrapper
         example = torch.zeros(1, *info["input_size"])
         batches = calibration_batches(splits.train, cfg.data)
@@ -140,9 +144,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     topology.update(describe_numerics(accelerator, student, optimizer, configured, cfg.train.mixed_precision))
     match_input_dtype(accelerator.unwrap_model(student))  # DeepSpeed's fp16 student takes fp16 inputs
     updates_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)  # the last partial one steps too
-    total_steps = cfg.train.epochs * updates_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    total_steps = _update_count(len(train_loader), cfg.train)
     if recipe and total_steps != planned_steps:
         raise SlimforgeError(
             f"the sharded training loader gives {total_steps} updates, the compression steps were planned for "
