@@ -1,7 +1,8 @@
 """Measures one benchmark row in a fresh process: ``python -m slimforge.export._worker JOB.json``.
 
 The job file names the runtime, the artifact, a ``.npy`` of preprocessed images, the timing settings and where
-to write the result. The result is :func:`slimforge.export.measure.measure_artifact`'s dict, or ``{"error", "fix"}``;
+to write the result (or, with ``"kind": "peaks"``, the arguments of the matmul peak measurement). The result is
+:func:`slimforge.export.measure.measure_artifact`'s dict, or ``{"error", "fix"}``;
 a process that dies without writing one (a segfault in a native runtime) is reported by the parent from its exit
 status and stderr. Not a user entry point: :mod:`slimforge.export.benchmarking` starts it.
 """
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(argv[0]) as f:
         job = json.load(f)
     try:
+        if job.get("kind") == "peaks":
+            from slimforge.export.peak import measure_peaks
+
+            write_json(job["result"], measure_peaks(**job["peaks"]))
+            return 0
         images = np.load(job["images"])  # [N, C, H, W]: in memory before the memory probe starts
         timing = TimingConfig(**job["timing"])
         result = measure_artifact(job["runtime"], job["artifact"], images, timing, job.get("allow_factory", False))

@@ -39,7 +39,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"runtimes for artifacts that name none: default, all, or names from {', '.join(available_runtimes())}",
     )
     p.add_argument("--batch-sizes", nargs="+", type=int, default=t.batch_sizes, help="throughput sweep %(default)s")
-    p.add_argument("--runs", type=int, default=t.runs, help="timed batch-1 runs (%(default)s)")
+    p.add_argument("--runs", type=int, default=t.runs, help="timed batch-1 runs, at least (%(default)s)")
+    p.add_argument("--rounds", type=int, default=t.rounds, help="rounds of the batch-1 series (%(default)s)")
+    p.add_argument(
+        "--min-round-s",
+        type=float,
+        default=t.min_round_s,
+        help="seconds each round and each swept batch size lasts at least (%(default)s)",
+    )
+    p.add_argument(
+        "--unstable-spread",
+        type=float,
+        default=t.unstable_spread,
+        help="flag rows whose round medians differ by more than this fraction of the p50 (%(default)s)",
+    )
     p.add_argument("--warmup", type=int, default=t.warmup, help="untimed runs before each series (%(default)s)")
     p.add_argument("--throughput-runs", type=int, default=t.throughput_runs, help="timed runs per batch size")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads of every runtime (all cores)")
@@ -71,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     timing = TimingConfig(
         batch_sizes=args.batch_sizes,
         runs=args.runs,
+        rounds=args.rounds,
+        min_round_s=args.min_round_s,
+        unstable_spread=args.unstable_spread,
         warmup=args.warmup,
         throughput_runs=args.throughput_runs,
         threads=args.threads,

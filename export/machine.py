@@ -78,23 +78,27 @@ def library_versions() -> dict[str, str | None]:
 
 
 def _gpu() -> dict[str, Any]:
+    # Asked of nvidia-smi, not of torch: the benchmark's own process must not create a CUDA context (it would hold
+    # GPU memory while the rows are measured in their own processes).
     if not torch.cuda.is_available():
         return {"gpu": None, "gpu_driver": None, "cuda": torch.version.cuda}
-    driver = None
+    gpus: list[list[str]] = []
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
         )
-        driver = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+        if out.returncode == 0:
+            gpus = [[x.strip() for x in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         pass
+    name, mem, driver = gpus[0] if gpus and len(gpus[0]) == 3 else (None, None, None)
     return {
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_count": torch.cuda.device_count(),
-        "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        "gpu": name or "unknown (nvidia-smi unavailable)",
+        "gpu_count": len(gpus) or torch.cuda.device_count(),
+        "gpu_memory_gb": round(float(mem) / 1024, 1) if mem and mem.replace(".", "").isdigit() else None,
         "gpu_driver": driver,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),

@@ -6,8 +6,14 @@ only its row down. It knows nothing about teachers or reports: it returns predic
 :mod:`slimforge.export.benchmarking` turns them into accuracy, agreement, speedups and fractions of peak.
 
 Timing: every call returns only once its logits are ready (:meth:`Runtime.forward`); ``warmup`` untimed calls
-precede each timed series; batch-1 latency is ``runs`` single calls on one real image, throughput is
-``throughput_runs`` calls per batch size of the sweep (real images, repeated when the sweep asks for more).
+precede each timed series. Batch-1 latency is timed in ``rounds`` rounds of single calls on one real image; each
+round makes at least ``runs / rounds`` calls *and* lasts at least ``min_round_s`` (as ``torch.utils.benchmark``'s
+``blocked_autorange`` sets a minimum run time), so a sub-millisecond model is not timed over a few tens of
+milliseconds that one change of the CPU's speed state can move. The p50 is the median of the rounds' medians (a
+round caught in a slow state moves it less than pooling every call would); p90/p99/mean/min are over every call;
+``spread`` = (slowest − fastest round median) / p50 says how much the machine moved during the row, and a spread
+above ``unstable_spread`` marks the row unstable in the report. Throughput is at least ``throughput_runs`` calls
+and ``min_round_s`` per batch size of the sweep (real images, repeated when the sweep asks for more).
 
 Memory: the peak resident set (``VmHWM``) is reset just before the artifact is loaded (``/proc/self/clear_refs``,
 Linux) and read after the last timed call, so ``rss_increase_mb`` is what loading, compiling and running this
@@ -50,7 +56,13 @@ class TimingConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     """Throughput sweep."""
     runs: int = 200
-    """Timed batch-1 runs for the latency percentiles."""
+    """Timed batch-1 runs for the latency percentiles, at least (split across ``rounds``)."""
+    rounds: int = 5
+    """Rounds of the batch-1 series; their medians give the p50 and the spread."""
+    min_round_s: float = 0.4
+    """Each round (and each batch size of the sweep) keeps calling until it has lasted this long."""
+    unstable_spread: float = 0.10
+    """A row whose round medians differ by more than this fraction of its p50 is flagged unstable."""
     warmup: int = 10
     """Untimed runs before each timed series (allocator, kernel selection, caches)."""
     throughput_runs: int = 20
@@ -59,13 +71,19 @@ class TimingConfig:
     """Intra-op CPU threads of every runtime (and of the peak measurement); ``None``: all usable cores."""
     eval_batch_size: int = 32
     """Batch size of the accuracy pass."""
+    tf32: bool = True
+    """NVIDIA GPUs: FP32 convolutions/matmuls on TF32 tensor cores (PyTorch, ONNX Runtime CUDA), set explicitly in
+    every GPU runtime; such rows report precision ``tf32`` and are judged against the TF32 peak. False: strict FP32
+    (TensorRT keeps its own default, TF32 allowed, and says so)."""
 
     def validate(self) -> list[str]:
         p = [] if self.batch_sizes else ["batch_sizes: name at least one batch size"]
         p += [f"batch_sizes: {b} must be >= 1" for b in self.batch_sizes if b < 1]
-        return (
-            p + at_least(self, 1, "runs", "throughput_runs", "eval_batch_size", "threads") + at_least(self, 0, "warmup")
-        )
+        p += at_least(self, 1, "runs", "rounds", "throughput_runs", "eval_batch_size", "threads")
+        p += at_least(self, 0, "warmup", "min_round_s")
+        if self.unstable_spread <= 0:
+            p.append(f"unstable_spread: {self.unstable_spread} must be > 0 (0.10 = 10% of the p50)")
+        return p
 
 
 def _status_kb(key: str) -> int | None:
@@ -124,21 +142,59 @@ def _mb(kb: int | None) -> float | None:
     return None if kb is None else kb / 1024
 
 
-def time_forward(runtime: Runtime, batch: np.ndarray, runs: int, warmup: int) -> np.ndarray:
-    """Wall-clock seconds of ``runs`` forward calls on one prepared batch ``[B, C, H, W]``.
+def time_forward(runtime: Runtime, batch: np.ndarray, runs: int, warmup: int, min_time_s: float = 0.0) -> np.ndarray:
+    """Wall-clock seconds of forward calls on one prepared batch ``[B, C, H, W]``: at least ``runs`` calls, and
+    more until the series has lasted ``min_time_s``.
 
     Returns:
-        ``[runs]`` seconds, one per call (each call returns only once its result is ready).
+        ``[n]`` seconds, one per call (each call returns only once its result is ready), ``n >= runs``.
     """
     inputs = runtime.prepare(np.ascontiguousarray(batch, dtype=np.float32))
     for _ in range(warmup):
         runtime.forward(inputs)
-    times = np.empty(runs)
-    for i in range(runs):
+    return _timed_calls(runtime, inputs, runs, min_time_s)
+
+
+def _timed_calls(runtime: Runtime, inputs: Any, runs: int, min_time_s: float) -> np.ndarray:
+    times: list[float] = []
+    begin = time.perf_counter()
+    while len(times) < runs or time.perf_counter() - begin < min_time_s:
         start = time.perf_counter()
         runtime.forward(inputs)
-        times[i] = time.perf_counter() - start
-    return times
+        times.append(time.perf_counter() - start)
+    return np.asarray(times)
+
+
+def latency_rounds(runtime: Runtime, image: np.ndarray, cfg: TimingConfig) -> list[np.ndarray]:
+    """Batch-1 latency in ``cfg.rounds`` consecutive rounds after one warm-up: seconds per call, one array each."""
+    inputs = runtime.prepare(np.ascontiguousarray(image, dtype=np.float32))
+    for _ in range(cfg.warmup):
+        runtime.forward(inputs)
+    per_round = -(-cfg.runs // cfg.rounds)  # ceil: at least `runs` calls in all
+    return [_timed_calls(runtime, inputs, per_round, cfg.min_round_s) for _ in range(cfg.rounds)]
+
+
+def latency_stats(rounds_ms: list[np.ndarray], unstable_spread: float) -> dict[str, Any]:
+    """The report's batch-1 latency entry from per-round call times in ms (see the module docstring)."""
+    every = np.concatenate(rounds_ms)
+    medians = [float(np.median(r)) for r in rounds_ms]
+    p50 = float(np.median(medians))
+    spread = (max(medians) - min(medians)) / p50 if p50 > 0 else 0.0
+    return {
+        "batch_size": 1,
+        "runs": len(every),
+        "rounds": len(rounds_ms),
+        "round_p50": medians,
+        "p50": p50,
+        "p90": float(np.percentile(every, 90)),
+        "p99": float(np.percentile(every, 99)),
+        "mean": float(every.mean()),
+        "min": float(every.min()),
+        "std": float(every.std()),
+        "seconds": float(every.sum() / 1e3),
+        "spread": spread,
+        "stable": spread <= unstable_spread,
+    }
 
 
 def _shape_text(shape: list[int | None]) -> str:
@@ -192,7 +248,7 @@ def measure_artifact(
 
     Returns:
         ``describe`` (the runtime's own account: precision, compute ops, details), ``preds`` ``[N]`` top-1
-        classes, ``latency_ms`` (batch 1 percentiles), ``throughput`` (one entry per batch size),
+        classes, ``latency_ms`` (batch 1: :func:`latency_stats`), ``throughput`` (one entry per batch size),
         ``load_seconds``, ``first_run_seconds`` (compilation / allocation on the first batch-1 call) and
         ``memory`` (see :class:`MemoryProbe`).
 
@@ -203,7 +259,8 @@ def measure_artifact(
     images = np.ascontiguousarray(images, dtype=np.float32)
     probe = MemoryProbe(cls.device)
     probe.start()
-    rt = cls(threads=cfg.threads, allow_factory=allow_factory)
+    max_batch = max([*cfg.batch_sizes, min(cfg.eval_batch_size, len(images))])
+    rt = cls(threads=cfg.threads, allow_factory=allow_factory, tf32=cfg.tf32, max_batch=max_batch)
     start = time.perf_counter()
     rt.load(artifact)
     load_seconds = time.perf_counter() - start
@@ -215,21 +272,11 @@ def measure_artifact(
     n, bs = len(images), cfg.eval_batch_size
     logits = run_batches(rt, torch.from_numpy(images), [min(bs, n - i) for i in range(0, n, bs)])  # [N, K]
 
-    lat = time_forward(rt, images[:1], cfg.runs, cfg.warmup) * 1e3  # ms
-    latency = {
-        "batch_size": 1,
-        "runs": cfg.runs,
-        "p50": float(np.percentile(lat, 50)),
-        "p90": float(np.percentile(lat, 90)),
-        "p99": float(np.percentile(lat, 99)),
-        "mean": float(lat.mean()),
-        "min": float(lat.min()),
-        "std": float(lat.std()),
-    }
+    latency = latency_stats([r * 1e3 for r in latency_rounds(rt, images[:1], cfg)], cfg.unstable_spread)
     sweep = []
     for size in cfg.batch_sizes:
         try:
-            t = time_forward(rt, _batch(images, size), cfg.throughput_runs, cfg.warmup)
+            t = time_forward(rt, _batch(images, size), cfg.throughput_runs, cfg.warmup, cfg.min_round_s)
         except Exception as e:  # e.g. out of memory at a large batch: name the size that failed
             raise ExportError(
                 f"runtime {runtime} failed at batch size {size}: {first_line(e, 200)}",

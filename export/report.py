@@ -89,6 +89,17 @@ def _memory(r: dict[str, Any]) -> Any:
     return m.get("rss_increase_mb") if m.get("rss_increase_mb") is not None else m.get("peak_rss_mb")
 
 
+def _spread(lat: dict[str, Any]) -> str:
+    if lat.get("spread") is None:
+        return "—"
+    return f"{lat['spread']:.1%}" + ("" if lat.get("stable", True) else " ⚠")
+
+
+def unstable_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Measured rows whose batch-1 round medians differ by more than the benchmark's ``unstable_spread``."""
+    return [r for r in report["rows"] if (r.get("latency_ms") or {}).get("stable") is False]
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The summary table shared by Markdown and HTML: ``(header, rows of cells)``."""
     header = [
@@ -100,6 +111,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "p50 ms",
         "p90 ms",
         "p99 ms",
+        "spread",
         "best img/s",
         "mem MB",
         "% of peak",
@@ -110,12 +122,13 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "speedup (p50)",
         "status",
     ]
-    rec = (report.get("recommendation") or {}).get("row")
+    recs = [report.get("recommendation"), *(report.get("recommendations") or {}).values()]
+    rec = {r["row"] for r in recs if r}
     out = []
     for i, r in enumerate(report["rows"]):
         lat = r.get("latency_ms") or {}
         speedup = _fmt(r.get("speedup_p50"), ".2f")
-        status = r["status"] + (" ★ recommended" if i == rec else "")
+        status = r["status"] + (" ★ recommended" if i in rec else "")
         out.append(
             [
                 f"{r['model']} ({r['role']})",
@@ -126,6 +139,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt(lat.get("p50"), ".3f"),
                 _fmt(lat.get("p90"), ".3f"),
                 _fmt(lat.get("p99"), ".3f"),
+                _spread(lat),
                 _best(r),
                 _fmt(_memory(r), ".0f"),
                 _fmt(r.get("fraction_of_peak"), ".1%"),
@@ -148,8 +162,10 @@ def headline(report: dict[str, Any]) -> str:
         f"Benchmark on {m['cpu']} ({m['usable_cores']} usable cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
         f"{s['threads']} threads, torch {m['torch']}, onnxruntime {m.get('onnxruntime')}, openvino "
         f"{m.get('openvino')}; {d['num_images']} validation images of {data} ({d['image_size']} px); "
-        f"latency at batch 1 over {s['runs']} runs after "
-        f"{s['warmup']} warm-ups; throughput over batch sizes {s['batch_sizes']} ({s['throughput_runs']} runs each); "
+        f"latency at batch 1 over at least {s['runs']} runs in {s.get('rounds', 1)} rounds of at least "
+        f"{s.get('min_round_s', 0)} s after {s['warmup']} warm-ups (p50: median of the round medians; spread: "
+        f"slowest minus fastest round median over the p50); throughput over batch sizes {s['batch_sizes']} "
+        f"(at least {s['throughput_runs']} runs each); "
         f"load average {m.get('load_avg_1m')} at start, {m.get('load_avg_1m_after')} at the end."
     )
 
@@ -191,11 +207,21 @@ def markdown_table(report: dict[str, Any]) -> str:
     over = [r for r in report["rows"] if (r.get("fraction_of_peak") or 0) > 1.05]
     if over:
         out += f"\n{over_peak_warning(over)}\n"
-    rec = report.get("recommendation")
-    if rec:
+    unstable = unstable_rows(report)
+    if unstable:
+        limit = report["settings"]["timing"].get("unstable_spread", 0.1)
+        names = ", ".join(f"{r['artifact']} [{r['runtime']}] {r['latency_ms']['spread']:.0%}" for r in unstable)
         out += (
-            f"\nRecommended (accuracy budget {rec['budget']:g}): **{rec['artifact']} [{rec['runtime']}]**, "
-            f"{rec['precision']}, p50 {rec['p50_ms']:.3f} ms, accuracy {rec['accuracy']:.4f} — {rec['reason']}.\n"
+            f"\nUnstable (⚠, round medians more than {limit:.0%} apart): {names}. The machine changed speed during "
+            "these rows: rerun the benchmark (more --rounds, a longer --min-round-s) before trusting their p50.\n"
+        )
+    rec = report.get("recommendation")
+    others = [r for r in (report.get("recommendations") or {}).values() if r and rec and r["row"] != rec["row"]]
+    for i, r in enumerate([rec, *others] if rec else []):
+        where = "" if i == 0 else f" on {r['device']} (speedups of {r['device']} rows are over the teacher there)"
+        out += (
+            f"\nRecommended{where} (accuracy budget {r['budget']:g}): **{r['artifact']} [{r['runtime']}]**, "
+            f"{r['precision']}, p50 {r['p50_ms']:.3f} ms, accuracy {r['accuracy']:.4f} — {r['reason']}.\n"
         )
     notes = [f"- {r['artifact']} [{r['runtime']}]: {n}" for r in report["rows"] for n in r.get("notes") or []]
     if notes:
@@ -231,6 +257,8 @@ CSV_COLUMNS = (
     "p99_ms",
     "mean_ms",
     "min_ms",
+    "spread",
+    "stable",
     "best_images_per_s",
     "best_batch_size",
     "throughput_at_max_batch",
@@ -242,6 +270,7 @@ CSV_COLUMNS = (
     "int8_mac_fraction",
     "size_bytes",
     "speedup_p50",
+    "speedup_vs",
     "achieved_ops_per_s",
     "peak_ops_per_s",
     "fraction_of_peak",
@@ -263,6 +292,8 @@ def csv_table(report: dict[str, Any]) -> str:
         flat = {
             **r,
             **{f"{k}_ms": lat.get(k) for k in ("p50", "p90", "p99", "mean", "min")},
+            "spread": lat.get("spread"),
+            "stable": lat.get("stable"),
             "best_images_per_s": best.get("images_per_s"),
             "best_batch_size": best.get("batch_size"),
             **{k: mem.get(k) for k in ("rss_increase_mb", "peak_rss_mb", "gpu_peak_mb")},

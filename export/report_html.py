@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from slimforge.export.report import headline, over_peak_warning, peaks_line, table_rows
+from slimforge.export.report import headline, over_peak_warning, peaks_line, table_rows, unstable_rows
 from slimforge.train.errors import ExportError
 
 logger = logging.getLogger(__name__)
@@ -198,11 +198,13 @@ def html_report(report: dict[str, Any]) -> str:
     if report.get("note"):
         parts.append(f"<p class=note>{esc(report['note'])}</p>")
     parts.append(f"<p class=head>{esc(headline(report))} Created {esc(report['created'])}.</p>")
-    if rec:
+    others = [r for r in (report.get("recommendations") or {}).values() if r and rec and r["row"] != rec["row"]]
+    for i, r in enumerate([rec, *others] if rec else []):
+        where = "" if i == 0 else f" on {r['device']}"
         parts.append(
-            f"<p class=rec>Recommended within an accuracy budget of {rec['budget']:g}: <b>{esc(rec['artifact'])} "
-            f"[{esc(rec['runtime'])}]</b>, {esc(str(rec['precision']))}, p50 {rec['p50_ms']:.3f} ms, accuracy "
-            f"{rec['accuracy']:.4f}. <br><small>{esc(rec['reason'])}.</small></p>"
+            f"<p class=rec>Recommended{esc(where)} within an accuracy budget of {r['budget']:g}: "
+            f"<b>{esc(r['artifact'])} [{esc(r['runtime'])}]</b>, {esc(str(r['precision']))}, p50 {r['p50_ms']:.3f} ms, "
+            f"accuracy {r['accuracy']:.4f}. <br><small>{esc(r['reason'])}.</small></p>"
         )
     if png:
         data = base64.b64encode(png).decode("ascii")
@@ -213,11 +215,18 @@ def html_report(report: dict[str, Any]) -> str:
     over = [r for r in rows if (r.get("fraction_of_peak") or 0) > 1.05]
     if over:
         parts.append(f"<p class=note>{esc(over_peak_warning(over))}</p>")
+    unstable = unstable_rows(report)
+    if unstable:
+        names = ", ".join(f"{r['artifact']} [{r['runtime']}] {r['latency_ms']['spread']:.0%}" for r in unstable)
+        parts.append(
+            f"<p class=note>Unstable (⚠): the machine changed speed during {esc(names)}; rerun before trusting "
+            "their p50.</p>"
+        )
     header, cells = table_rows(report)
     classes = []
     for i, r in enumerate(rows):
         cls = r["status"] if r["status"] != "ok" else ("teacher" if r["role"] == "teacher" else "")
-        classes.append("recommended" if rec and i == rec["row"] else cls)
+        classes.append("recommended" if rec and i in {r["row"] for r in [rec, *others]} else cls)
     parts += ["<h2>Results</h2>", _table(header, cells, classes, left=3)]
     parts.append(
         "<p class=head>mem MB: peak resident memory added by loading and running the row (see Method). "
@@ -310,9 +319,12 @@ def html_report(report: dict[str, Any]) -> str:
         "<li>Every row runs on the same validation images and the same number of CPU threads; "
         + ("each row is measured in a fresh process. " if report["settings"].get("isolate") else "")
         + "Accuracy is against the labels, agreement is top-1 agreement with the FP32 eager teacher.</li>",
-        "<li>Latency: single-image calls after warm-up, each returning once the logits are ready; p50/p90/p99 over "
-        f"{timing['runs']} runs. Throughput: {timing['throughput_runs']} calls per batch "
-        "size.</li>",
+        "<li>Latency: single-image calls after warm-up, each returning once the logits are ready, in "
+        f"{timing.get('rounds', 1)} rounds of at least {timing['runs']} calls in all, each round lasting at least "
+        f"{timing.get('min_round_s', 0)} s; p50 is the median of the round medians, p90/p99 are over every call, "
+        "spread is the slowest minus the fastest round median over the p50 (⚠ above "
+        f"{timing.get('unstable_spread', 0.1):.0%}). Throughput: at least {timing['throughput_runs']} calls and "
+        f"{timing.get('min_round_s', 0)} s per batch size.</li>",
         "<li>Memory: the process's peak resident set is reset (Linux /proc/self/clear_refs) just before the artifact "
         "is loaded and read after the last timed call; mem MB is that peak minus the resident set before loading.</li>",
         "<li>Peak: the fastest square matrix multiply per precision with the same threads (PyTorch and ONNX Runtime "

@@ -3,13 +3,16 @@
     .venv/bin/python scripts/check_timing.py --checkpoint runs/mnist/student/checkpoint \\
         --onnx runs/mnist/export/model.onnx
 
-Runs the benchmark (default settings: each row in its own process, 200 timed runs) on the checkpoint in PyTorch
-eager and its ONNX export in ONNX Runtime, and times the same two models without any slimforge timing code:
-``torch.utils.benchmark.Timer`` for eager and a bare ``session.run`` loop for ONNX Runtime, each in a fresh
-process of its own as the benchmark's rows are. The two alternate for ``--rounds`` rounds so that drift in the
-machine's speed (on this shared VM the same ORT loop moves between ~0.25 and ~0.33 ms for minutes at a time)
-hits both sides alike; the medians over rounds are compared. Prints every number and the ratios; exit 0 when
-every ratio is within ``--tolerance`` (10%), 1 otherwise.
+Runs the benchmark (default timing: each row in its own process, at least 200 batch-1 calls in 5 rounds of at
+least 0.4 s) on the checkpoint in PyTorch eager and its ONNX export in ONNX Runtime, ``--repeats`` times in a
+row, and around each benchmark times the same two models without any slimforge timing code:
+``torch.utils.benchmark.Timer`` for eager and a bare ``session.run`` loop for ONNX Runtime (as many calls as the
+benchmark's rows, for as long: at least ``--loop-seconds``), each in a fresh process of its own as the
+benchmark's rows are: the eager loop just before the benchmark (whose first row is eager), the ORT loop just
+after it (its last row is ORT), because this VM drifts between speed states over seconds. Every repeat compares
+the benchmark's p50 with the loop next to it and prints the
+spread the benchmark reported for that row (how much the machine moved while it was measured). Exit 0 when
+every repeat of every runtime is within ``--tolerance`` (10%), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 
@@ -28,8 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=200, help="timed batch-1 runs, both sides (%(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, both sides (all usable cores)")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed |ratio - 1| (%(default)s)")
-    p.add_argument("--rounds", type=int, default=5, help="alternations of independent loops and benchmark")
+    p.add_argument("--repeats", type=int, default=5, help="benchmark runs, each followed by the independent loops")
+    p.add_argument("--loop-seconds", type=float, default=2.0, help="minimum duration of an independent loop, as "
+                   "the benchmark's default rows (5 rounds of at least 0.4 s)")  # fmt: skip
     p.add_argument("--loop", choices=["torch-eager", "ort-cpu"], help=argparse.SUPPRESS)  # one independent loop
+    p.add_argument("--image", help=argparse.SUPPRESS)  # the loop's input, a .npy the parent wrote
     return p.parse_args(argv)
 
 
@@ -38,7 +45,8 @@ def independent_ms(args: argparse.Namespace, loop: str, threads: int) -> float:
     import subprocess
 
     cmd = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--onnx", args.onnx, "--loop", loop]
-    cmd += ["--runs", str(args.runs), "--threads", str(threads)]
+    cmd += ["--image", args.image]
+    cmd += ["--runs", str(args.runs), "--threads", str(threads), "--loop-seconds", str(args.loop_seconds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(proc.stdout.strip().splitlines()[-1])
 
@@ -53,7 +61,7 @@ def first_image(checkpoint: str):
     return ValidationSet(data_config_from_meta(meta), 1).images_for(ModelSpec.from_dict(meta["model"]))[:1]
 
 
-def eager_median_ms(checkpoint: str, image, threads: int, runs: int) -> float:
+def eager_median_ms(checkpoint: str, image, threads: int, runs: int, seconds: float) -> float:
     """``torch.utils.benchmark.Timer``: its median over blocks of calls, in ms."""
     import torch
     import torch.utils.benchmark as tb
@@ -68,11 +76,11 @@ def eager_median_ms(checkpoint: str, image, threads: int, runs: int) -> float:
                      num_threads=threads)  # fmt: skip
     once = timer.timeit(3).mean
     # About `runs` calls in total, in blocks, as Timer's own autorange does.
-    return timer.blocked_autorange(min_run_time=max(runs * once, 1.0)).median * 1e3
+    return timer.blocked_autorange(min_run_time=max(runs * once, seconds)).median * 1e3
 
 
-def ort_median_ms(onnx_path: str, image, threads: int, runs: int) -> float:
-    """A bare ``session.run`` loop: the median of ``runs`` single-image calls, in ms."""
+def ort_median_ms(onnx_path: str, image, threads: int, runs: int, seconds: float) -> float:
+    """A bare ``session.run`` loop: the median of at least ``runs`` single-image calls lasting ``seconds``, in ms."""
     import onnxruntime as ort
 
     from slimforge.export.runtimes.ort import session_options
@@ -82,7 +90,8 @@ def ort_median_ms(onnx_path: str, image, threads: int, runs: int) -> float:
     for _ in range(10):
         sess.run(None, feed)
     times = []
-    for _ in range(runs):
+    begin = time.perf_counter()
+    while len(times) < runs or time.perf_counter() - begin < seconds:
         start = time.perf_counter()
         sess.run(None, feed)
         times.append(time.perf_counter() - start)
@@ -95,48 +104,48 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from slimforge.export.benchmarking import BenchConfig, run_benchmark
-    from slimforge.export.machine import default_threads
+    from slimforge.export.machine import default_threads, load_average
     from slimforge.export.measure import TimingConfig
-    from slimforge.export.report import configure_logging, load_average
+    from slimforge.export.report import configure_logging
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     if args.loop:
-        image = first_image(args.checkpoint)
+        # The image comes from a file, as in the benchmark's workers: no dataset code runs in the timed process.
+        image = torch.from_numpy(np.load(args.image))
         if args.loop == "torch-eager":
-            print(eager_median_ms(args.checkpoint, image, threads, args.runs))
+            print(eager_median_ms(args.checkpoint, image, threads, args.runs, args.loop_seconds))
         else:
-            print(ort_median_ms(args.onnx, np.ascontiguousarray(image.numpy()), threads, args.runs))
+            print(ort_median_ms(args.onnx, np.ascontiguousarray(image.numpy()), threads, args.runs, args.loop_seconds))
         return 0
     configure_logging()
+    tmp = tempfile.TemporaryDirectory(prefix="check-timing-")
+    args.image = os.path.join(tmp.name, "image.npy")
+    np.save(args.image, first_image(args.checkpoint).numpy())
     print(f"threads {threads}, {args.runs} runs, load average {load_average()} at start", flush=True)
 
-    timing = TimingConfig(runs=args.runs, batch_sizes=[1], threads=threads)
+    timing = TimingConfig(runs=args.runs, batch_sizes=[1], threads=threads)  # the benchmark's default rounds
     cfg = BenchConfig(timing=timing, max_images=32, peak_seconds=0, progress=False)
-    independent: dict[str, list[float]] = {"torch-eager": [], "ort-cpu": []}
-    bench: dict[str, list[float]] = {"torch-eager": [], "ort-cpu": []}
-    for r in range(args.rounds):
-        for loop in independent:
-            independent[loop].append(independent_ms(args, loop, threads))
+    tools = {"torch-eager": "torch.utils.benchmark.Timer", "ort-cpu": "bare session.run loop"}
+    ok = True
+    print(f"\n| repeat | runtime | benchmark p50 ms | benchmark spread | independent ms | ratio | within "
+          f"{args.tolerance:.0%} |\n|---|---|---|---|---|---|---|", flush=True)  # fmt: skip
+    for r in range(args.repeats):
+        # This VM drifts between speed states over seconds: each loop runs right next to the row it checks (the
+        # eager loop just before the benchmark, whose first row is eager; the ORT loop just after its last row).
+        independent = {"torch-eager": independent_ms(args, "torch-eager", threads)}
         report = run_benchmark(args.checkpoint, [f"{args.onnx}@ort-cpu"], cfg)
+        independent["ort-cpu"] = independent_ms(args, "ort-cpu", threads)
         for row in report["rows"]:
             if row["status"] != "ok":
                 print(f"error: {row['runtime']} row {row['status']}: {row['reason']}", file=sys.stderr)
                 return 1
-            bench[row["runtime"]].append(row["latency_ms"]["p50"])
-        print(f"round {r + 1}: " + ", ".join(
-            f"{k} benchmark {bench[k][-1]:.3f} ms / independent {independent[k][-1]:.3f} ms" for k in bench
-        ), flush=True)  # fmt: skip
-
-    ok = True
-    header = "| runtime | benchmark p50 ms (median of rounds) | independent median ms (median of rounds) | ratio |"
-    print(f"\n{header} within {args.tolerance:.0%} |")
-    print("|---|---|---|---|---|")
-    for name, tool in (("torch-eager", "torch.utils.benchmark.Timer"), ("ort-cpu", "bare session.run loop")):
-        b, i = statistics.median(bench[name]), statistics.median(independent[name])
-        within = abs(b / i - 1) <= args.tolerance
-        ok &= within
-        print(f"| {name} | {b:.3f} | {i:.3f} ({tool}) | {b / i:.3f} | {'yes' if within else 'NO'} |")
+            lat, i = row["latency_ms"], independent[row["runtime"]]
+            within = abs(lat["p50"] / i - 1) <= args.tolerance
+            ok &= within
+            print(f"| {r + 1} | {row['runtime']} | {lat['p50']:.3f} | {lat['spread']:.1%}"
+                  f"{'' if lat['stable'] else ' (unstable)'} | {i:.3f} ({tools[row['runtime']]}) | "
+                  f"{lat['p50'] / i:.3f} | {'yes' if within else 'NO'} |", flush=True)  # fmt: skip
     print(f"\nload average {load_average()} at the end; models: {os.path.basename(args.checkpoint)}, {args.onnx}")
     return 0 if ok else 1
 

@@ -1,4 +1,10 @@
-"""Shared fixtures: the repo root, a subprocess runner for entries, tiny checkpoints on real data."""
+"""Shared fixtures: the repo root, a subprocess runner for entries, tiny checkpoints on real data.
+
+Two tiers. The default run is the CPU tier: it hides any GPU from itself and from every process it starts
+(``CUDA_VISIBLE_DEVICES=""``), because its figures assume the CPU (``MULTI_CPU`` launches, two processes on one
+device, 1e-5 equivalence that TF32 would break). ``pytest -m gpu`` runs the GPU tier (``tests/gpu/``) with the
+GPUs visible; elsewhere those tests are skipped with the reason.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+GPU_NODE = Path("/dev/nvidiactl").exists()
+"""This machine has an NVIDIA driver (whether or not the tier hides its GPUs)."""
+
+
+def _gpu_tier(config) -> bool:
+    expr = (config.getoption("markexpr") or "").replace("(", " ").replace(")", " ").split()
+    return "gpu" in expr and "not" not in expr
+
+
+def pytest_configure(config):
+    if not _gpu_tier(config):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA; inherited by launched processes
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not _gpu_tier(config):
+        reason = "GPU tier: run it with `pytest -m gpu` on a machine with a CUDA GPU (this run is the CPU tier)"
+    elif not torch.cuda.is_available():
+        reason = "GPU tier: no CUDA GPU is visible on this machine"
+    else:
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

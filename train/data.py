@@ -69,6 +69,13 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 2
     """DataLoader worker processes per training process."""
+    pin_memory: bool | None = None
+    """Page-locked host batches, copied to the GPU without blocking the host (Accelerate's ``non_blocking``);
+    null: on when training on a GPU."""
+    persistent_workers: bool = True
+    """Keep the worker processes between epochs (with ``num_workers`` > 0) instead of restarting them."""
+    prefetch_factor: int | None = None
+    """Batches each worker prepares ahead (torch's default, 2, when null; with ``num_workers`` > 0)."""
     max_train_samples: int | None = None
     """Keep only the first N training samples (smoke tests); ``None`` keeps all."""
     max_val_samples: int | None = None
@@ -103,6 +110,7 @@ class DataConfig:
         p += at_least(self, 1, "max_val_samples")
         p += at_least(self, 2, "synthetic_classes")
         p += at_least(self, 0, "num_workers")
+        p += at_least(self, 1, "prefetch_factor")
         return p
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -353,8 +361,12 @@ class EpochShuffle(torch.utils.data.Sampler):
             yield (self.epoch, i)
 
 
-def build_loader(ds, cfg: DataConfig, is_training: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+def build_loader(
+    ds, cfg: DataConfig, is_training: bool, seed: int = 0, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
     """A DataLoader over ``ds``; Accelerate shards it across processes in ``prepare``.
+
+    ``pin_memory``: page-locked batches (the caller resolves ``cfg.pin_memory`` against the device).
 
     Training loaders shuffle with :class:`EpochShuffle` (call ``loader.set_epoch(e)`` each epoch) and drop the
     last partial batch so every rank runs the same number of steps (a rank with one step fewer would leave the
@@ -367,6 +379,9 @@ def build_loader(ds, cfg: DataConfig, is_training: bool, seed: int = 0) -> torch
         sampler=EpochShuffle(len(samples), seed) if is_training else None,
         drop_last=is_training,
         num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
     )
 
 

@@ -22,13 +22,33 @@ import torch
 from torch import nn
 
 Placement = Literal["replicated", "sharded"]
+TeacherDtype = Literal["fp32", "bf16"]
 
 # A sharded teacher is split into about this many FSDP units (plus the root): the peak memory of a forward is
 # the rank's shard plus roughly one or two gathered units (the one running and the one prefetched).
 SHARD_UNITS = 16
 
 
-def place_teacher(teacher: nn.Module, placement: Placement, device: torch.device, world_size: int) -> nn.Module:
+class CastInputs(nn.Module):
+    """Runs ``module`` (weights in ``dtype``) on inputs cast to ``dtype``: a bf16 teacher fed fp32 images."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images.to(self.dtype))
+
+
+def place_teacher(
+    teacher: nn.Module,
+    placement: Placement,
+    device: torch.device,
+    world_size: int,
+    dtype: TeacherDtype = "fp32",
+    channels_last: bool = False,
+) -> nn.Module:
     """Moves the frozen ``teacher`` to ``device``, sharding it across the default process group if asked.
 
     Args:
@@ -36,6 +56,10 @@ def place_teacher(teacher: nn.Module, placement: Placement, device: torch.device
         placement: ``replicated`` or ``sharded``.
         device: This rank's device.
         world_size: Processes in the default process group (must be > 1 for ``sharded``; the engine checks).
+        dtype: ``bf16`` holds the replicated teacher's weights in bf16 (half the memory, bf16 kernels) and feeds
+            it bf16 images; a sharded teacher keeps fp32 shards and all-gathers them in bf16 (FSDP2's
+            ``MixedPrecisionPolicy``: half the communication). Its logits are upcast by the KD loss.
+        channels_last: Weights in channels_last (NHWC) memory format.
 
     Returns:
         The teacher, ready for ``teacher(images)`` on ``device`` (sharded: an FSDP2 module).
@@ -48,11 +72,17 @@ def place_teacher(teacher: nn.Module, placement: Placement, device: torch.device
             with torch.no_grad():
                 logits = teacher(images)  # [B, num_classes]
     """
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    low = torch.bfloat16 if dtype == "bf16" else None
     if placement == "replicated":
-        return teacher.to(device)
+        teacher = teacher.to(device)
+        return CastInputs(teacher.to(low), low).eval() if low else teacher
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # cast_forward_inputs (the default) casts the images to the gathered dtype at the root.
+    policy = MixedPrecisionPolicy(param_dtype=low) if low else MixedPrecisionPolicy()
     mesh = init_device_mesh(device.type, (world_size,))
     total = sum(p.numel() for p in teacher.parameters())
     min_params = max(1, total // SHARD_UNITS)
@@ -63,11 +93,11 @@ def place_teacher(teacher: nn.Module, placement: Placement, device: torch.device
         for child in module.children():
             pending += shard_units(child)
         if module is not teacher and pending >= min_params:
-            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+            fully_shard(module, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
             return 0
         return pending
 
     shard_units(teacher)
     # The root holds what no unit took; fully_shard also moves the buffers (BatchNorm statistics) to the device.
-    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
     return teacher

@@ -22,7 +22,7 @@ from slimforge.train.data import DataConfig
 from slimforge.train.losses import LossConfig
 from slimforge.train.models import ModelConfig
 from slimforge.train.optim import OptimConfig
-from slimforge.train.placement import Placement
+from slimforge.train.placement import Placement, TeacherDtype
 
 
 @dataclass
@@ -72,6 +72,22 @@ class TrainConfig:
     layers being gathered; an all-gather of the teacher per micro-batch); needs >= 2 processes. See
     train/placement.py."""
 
+    teacher_dtype: TeacherDtype = "fp32"
+    """bf16: the teacher computes in bf16 (replicated: bf16 weights, half the memory; sharded: bf16 all-gathers,
+    half the communication); its logits are upcast to fp32 by the KD loss. fp32: as trained."""
+    compile_teacher: bool = False
+    """``torch.compile`` the frozen teacher (replicated placement): its forward is most of a distillation step's
+    cost on GPUs. The first steps compile (minutes on large models)."""
+    compile_student: bool = False
+    """``torch.compile`` the student through Accelerate (inductor, applied in ``accelerator.prepare``, so it wraps
+    DDP/DeepSpeed/FSDP the way Accelerate supports)."""
+    channels_last: bool = False
+    """Student and teacher weights and the training images in channels_last (NHWC): faster convolutions on
+    tensor-core GPUs (and often on CPUs with oneDNN)."""
+    cudnn_benchmark: bool = False
+    """``torch.backends.cudnn.benchmark``: cuDNN times its algorithms for each new input shape and keeps the
+    fastest (fixed image sizes only; the first steps are slower)."""
+
     cpu_threads: int | None = None
     """Intra-op threads per process of a CPU run (a GPU run keeps torch's default). null: the user's
     ``OMP_NUM_THREADS`` if they set one, else usable cores ÷ processes on this machine (``accelerate launch``'s own
@@ -82,6 +98,11 @@ class TrainConfig:
         p = at_least(self, 1, "epochs", "grad_accum_steps", "keep_states", "log_every", "max_steps", "checkpoint_every")
         p += at_least(self, 1, "cpu_threads")
         p += at_least(self, 10, "collective_timeout_s")
+        if self.compile_teacher and self.teacher_placement == "sharded":
+            p.append(
+                "compile_teacher: compiles a replicated teacher; a sharded (FSDP2) teacher runs uncompiled: set "
+                "teacher_placement=replicated or compile_teacher=false"
+            )
         if not self.output_dir:
             p.append("output_dir: must be a folder path")
         return p

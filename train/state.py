@@ -31,7 +31,8 @@ FREE_FIELDS = frozenset(
         "train.output_dir", "train.log_every", "train.overwrite", "train.tensorboard", "train.record_samples",
         "train.checkpoint_every", "train.keep_states", "train.resume", "train.max_steps", "train.cpu_threads",
         "train.collective_timeout_s", "data.num_workers", "data.eval_batch_size", "data.max_val_samples",
-        "model.allow_factory", "teacher.allow_factory",
+        "data.pin_memory", "data.persistent_workers", "data.prefetch_factor", "model.allow_factory",
+        "teacher.allow_factory",
     }
 )  # fmt: skip
 """Run-config fields a resumed run may change: they change neither the numerics nor the schedule (``max_steps``

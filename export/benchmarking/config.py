@@ -9,6 +9,8 @@ from slimforge.export.runtimes import available_runtimes
 from slimforge.train.config import at_least
 
 TEACHER_RUNTIME = "torch-eager"
+GPU_TEACHER_RUNTIME = "torch-eager-cuda"
+"""The teacher's second row when GPU students are measured: speedups, Pareto and recommendation are per device."""
 SELECTIONS = ("default", "all")
 
 

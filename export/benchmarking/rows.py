@@ -27,6 +27,7 @@ from slimforge.export.benchmarking.plan import Target
 from slimforge.export.description import artifact_meta
 from slimforge.export.evaldata import ValidationSet
 from slimforge.export.measure import measure_artifact
+from slimforge.export.peak import measure_peaks
 from slimforge.export.report import write_json
 from slimforge.export.runtimes import CHECKPOINT_KIND, artifact_kind, default_runtime, runtime_class
 from slimforge.train.checkpoint import rebuild_model, spec_from_meta
@@ -53,6 +54,7 @@ _METRICS = (
     "macs",
     "size_bytes",
     "speedup_p50",
+    "speedup_vs",
     "achieved_ops_per_s",
     "peak_precision",
     "peak_ops_per_s",
@@ -140,18 +142,29 @@ class RowRunner:
             self._files[key] = path
         return self._files[key]
 
+    def peaks(self, threads: int) -> dict[str, Any]:
+        """The matmul peaks (:func:`slimforge.export.peak.measure_peaks`), in a fresh process when rows are isolated:
+        on a GPU machine the benchmark's own process then never holds the GPU while a row is measured."""
+        args = {"threads": threads, "seconds": self.cfg.peak_seconds, "cpu_size": self.cfg.peak_size}
+        if not self.cfg.isolate:
+            return measure_peaks(**args)
+        return self._run_job({"kind": "peaks", "peaks": args}, "the matmul peak", "its kernels")
+
     def _isolated(self, runtime: str, path: Path, images: torch.Tensor) -> dict[str, Any]:
-        n = next(self._jobs)
-        job_path = os.path.join(self._tmp.name, f"job_{n}.json")
-        result_path = os.path.join(self._tmp.name, f"result_{n}.json")
         job = {
             "runtime": runtime,
             "artifact": str(path),
             "images": self._images_file(images),
             "timing": asdict(self.cfg.timing),
             "allow_factory": self.cfg.allow_factory,
-            "result": result_path,
         }
+        return self._run_job(job, str(path), runtime)
+
+    def _run_job(self, job: dict[str, Any], path: str, runtime: str) -> dict[str, Any]:
+        n = next(self._jobs)
+        job_path = os.path.join(self._tmp.name, f"job_{n}.json")
+        result_path = os.path.join(self._tmp.name, f"result_{n}.json")
+        job["result"] = result_path
         write_json(job_path, job)
         cmd = [sys.executable, "-m", "slimforge.export._worker", job_path]
         try:
@@ -224,6 +237,7 @@ class RowRunner:
                 threads=d["threads"],
                 runtime_details=d["details"],
                 int8_mac_fraction=d["details"].get("int8_mac_fraction"),
+                notes=[d["details"]["fallback"]] if d["details"].get("fallback") else None,
                 num_images=len(preds),
                 accuracy=float((preds == self.val.labels.numpy()).mean()),
                 agreement=float((preds == reference).mean()),

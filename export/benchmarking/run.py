@@ -13,16 +13,15 @@ from typing import Any
 
 import torch
 
-from slimforge.export.benchmarking.analysis import finish_rows, recommend
-from slimforge.export.benchmarking.config import TEACHER_RUNTIME, BenchConfig
+from slimforge.export.benchmarking.analysis import devices, finish_rows, recommend
+from slimforge.export.benchmarking.config import GPU_TEACHER_RUNTIME, TEACHER_RUNTIME, BenchConfig
 from slimforge.export.benchmarking.plan import Target, parse_target, plan_rows, selected_runtimes
 from slimforge.export.benchmarking.rows import RowRunner
 from slimforge.export.description import artifact_meta
 from slimforge.export.evaldata import ValidationSet, data_config_from_meta
 from slimforge.export.machine import default_threads, load_average, machine_fingerprint
-from slimforge.export.peak import measure_peaks
 from slimforge.export.report import now, write_json
-from slimforge.export.runtimes import artifact_kind, runtime_class, runtimes_for_kind
+from slimforge.export.runtimes import artifact_kind, default_runtime, runtime_class, runtimes_for_kind
 from slimforge.train.checkpoint import read_meta, spec_from_meta
 from slimforge.train.errors import ConfigError, ExportError, SlimforgeError
 from slimforge.train.models import check_class_names, check_factory
@@ -85,11 +84,12 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
         )
     runner = RowRunner(cfg, val)
     peaks = None
+    gpu_teacher = gpu_teacher_target(t_target, plan)
     try:
-        with _progress(len(plan) + 1 + (cfg.peak_seconds > 0), cfg.progress) as bar:
+        with _progress(len(plan) + 1 + (cfg.peak_seconds > 0) + bool(gpu_teacher), cfg.progress) as bar:
             if cfg.peak_seconds > 0:
                 bar.set_postfix_str("matmul peak")
-                peaks = measure_peaks(threads, cfg.peak_seconds, cpu_size=cfg.peak_size)
+                peaks = runner.peaks(threads)
                 bar.update()
             bar.set_postfix_str(f"teacher [{t_target.runtime}]")
             t_row, t_preds = runner.measure(t_target, None)
@@ -97,6 +97,10 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
             if t_row["status"] != "ok":
                 raise ExportError(f"the teacher cannot be benchmarked: {t_row['reason']}", t_row["fix"] or "")
             rows = [t_row]
+            if gpu_teacher:  # GPU students are compared with the teacher on the same GPU
+                bar.set_postfix_str(f"teacher [{gpu_teacher.runtime}]")
+                rows.append(runner.measure(gpu_teacher, t_preds)[0])
+                bar.update()
             for target in plan:
                 bar.set_postfix_str(f"{target.path.name} [{target.runtime or 'default'}]")
                 rows.append(runner.measure(target, t_preds)[0])
@@ -125,9 +129,30 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
         "peaks": peaks,
         "rows": rows,
         "recommendation": recommend(rows, cfg.accuracy_budget),
+        "recommendations": {d: recommend(rows, cfg.accuracy_budget, d) for d in devices(rows)},
         "not_selected": not_selected,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def gpu_teacher_target(teacher: Target, plan: list[Target]) -> Target | None:
+    """A second teacher row on the GPU when the teacher runs on the CPU and a planned student row runs on an
+    available GPU runtime; ``None`` otherwise."""
+    if runtime_class(teacher.runtime).device != "cpu":
+        return None
+    for t in plan:
+        if t.skip or not t.path.exists():
+            continue
+        name = t.runtime
+        if name is None:
+            try:
+                name = default_runtime(t.path)
+            except SlimforgeError:
+                continue
+        cls = runtime_class(name)
+        if cls.device == "cuda" and cls.available()[0]:
+            return Target(teacher.path, GPU_TEACHER_RUNTIME, "teacher")
+    return None
 
 
 def check_models(

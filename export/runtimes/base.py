@@ -40,6 +40,9 @@ class Runtime:
     Args:
         threads: Intra-op CPU threads; ``None`` uses every core this process may use.
         allow_factory: Load a checkpoint whose architecture is a user factory (imports and runs the code it names).
+        tf32: On NVIDIA GPUs, let FP32 convolutions and matmuls run on TF32 tensor cores. Every GPU runtime sets it
+            explicitly (never a library default) and a row that used it reports precision ``tf32``.
+        max_batch: The largest batch the caller will run (TensorRT's optimisation profile must cover it).
     """
 
     name: ClassVar[str] = ""
@@ -49,9 +52,13 @@ class Runtime:
     opt_in: ClassVar[bool] = False
     """Left out of the benchmark's default runtime set (costly to prepare, e.g. torch.compile)."""
 
-    def __init__(self, threads: int | None = None, allow_factory: bool = False) -> None:
+    def __init__(
+        self, threads: int | None = None, allow_factory: bool = False, tf32: bool = True, max_batch: int = 32
+    ) -> None:
         self.threads = threads or default_threads()
         self.allow_factory = allow_factory
+        self.tf32 = tf32
+        self.max_batch = max_batch
         self.precision = "fp32"
         self.compute_ops: dict[str, int] | None = None
         """Convolution / matmul kernels per precision, where the runtime reports what it compiled."""

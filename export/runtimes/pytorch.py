@@ -51,10 +51,14 @@ class _TorchRuntime(Runtime):
         torch.set_num_threads(self.threads)
 
     def _gpu_precision(self) -> None:
-        # cuDNN runs FP32 convolutions on TF32 tensor cores unless told not to (PyTorch's default): say so.
-        if self.device == "cuda" and self.precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        # PyTorch's own defaults differ (cuDNN convolutions allow TF32, matmuls do not): set both, and say so.
+        if self.device != "cuda":
+            return
+        torch.backends.cudnn.allow_tf32 = self.tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        self.details["tf32"] = self.tf32
+        if self.precision == "fp32" and self.tf32:
             self.precision = "tf32"
-            self.details["cudnn.allow_tf32"] = True
 
     def prepare(self, batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(batch).to(self.device)
@@ -105,6 +109,16 @@ class TorchEagerBf16(TorchEager):
             return super().forward(inputs)
 
 
+class _Cuda:
+    """Mixin: the same runtime on the GPU (available where CUDA is)."""
+
+    device: ClassVar[str] = "cuda"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return cuda_available()
+
+
 @register_runtime("torch-eager-cl", kinds=(CHECKPOINT_KIND,))
 class TorchEagerChannelsLast(TorchEager):
     """A checkpoint in eager PyTorch with channels_last (NHWC) weights; inputs arrive NCHW, converted in the timed
@@ -141,14 +155,48 @@ class TorchCompile(TorchEager):
 
 
 @register_runtime("torch-eager-cuda", kinds=(CHECKPOINT_KIND,))
-class TorchEagerCuda(TorchEager):
-    """A slimforge checkpoint in eager PyTorch on the GPU."""
+class TorchEagerCuda(_Cuda, TorchEager):
+    """A slimforge checkpoint in eager PyTorch on the GPU (FP32 weights; TF32 as the benchmark's ``tf32`` says)."""
 
-    device: ClassVar[str] = "cuda"
+
+@register_runtime("torch-eager-cuda-bf16", kinds=(CHECKPOINT_KIND,))
+class TorchEagerCudaBf16(_Cuda, TorchEagerBf16):
+    """A checkpoint on the GPU under ``torch.autocast(bfloat16)``."""
+
+
+@register_runtime("torch-eager-cuda-fp16", kinds=(CHECKPOINT_KIND,))
+class TorchEagerCudaFp16(_Cuda, TorchEager):
+    """A checkpoint on the GPU under ``torch.autocast(float16)``: convs and matmuls in fp16, norms in fp32."""
+
+    def load(self, path: str | os.PathLike) -> None:
+        super().load(path)
+        self.precision = "fp16"
+        self.details["autocast"] = "float16 (convolution/linear/matmul in fp16; reductions and norms in fp32)"
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.float16):
+            return super().forward(inputs)
+
+
+@register_runtime("torch-eager-cuda-cl", kinds=(CHECKPOINT_KIND,))
+class TorchEagerCudaChannelsLast(_Cuda, TorchEagerChannelsLast):
+    """A checkpoint on the GPU with channels_last weights (cuDNN's NHWC kernels)."""
+
+
+@register_runtime("torch-compile-cuda", kinds=(CHECKPOINT_KIND,), opt_in=True)
+class TorchCompileCuda(_Cuda, TorchCompile):
+    """A checkpoint on the GPU under ``torch.compile`` (inductor, Triton kernels); first calls compile."""
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        return cuda_available()
+        ok, why = cuda_available()
+        if not ok:
+            return ok, why
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False, "triton is not installed (inductor's GPU kernels need it; it ships with CUDA torch wheels)"
+        return True, ""
 
 
 @register_runtime("torchscript", default_for=(".pt", ".ts"))
@@ -173,11 +221,5 @@ class TorchScript(_TorchRuntime):
 
 
 @register_runtime("torchscript-cuda", kinds=(".pt", ".ts"))
-class TorchScriptCuda(TorchScript):
+class TorchScriptCuda(_Cuda, TorchScript):
     """A TorchScript file on the GPU."""
-
-    device: ClassVar[str] = "cuda"
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        return cuda_available()

@@ -275,7 +275,8 @@ def test_benchmark_refuses_before_measuring(tmp_path, checkpoints, case, needles
         (tmp_path / "notes.txt").write_text("x")
         out = tmp_path / "notes.txt" / "bench"
     args = ["--teacher", teacher, "--student", student, "--out", out, "--max-images", "8", "--peak-seconds", "0"]
-    proc = entry("export/benchmark.py", *args, "--no-progress", "--runs", "2", "--batch-sizes", "1")
+    args += ["--no-progress", "--runs", "2", "--min-round-s", "0", "--batch-sizes", "1"]
+    proc = entry("export/benchmark.py", *args)
     assert_one_error(proc, *needles)
     assert "peak" not in proc.stderr and not out.exists()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slimforge.train.engine.outputs import cuda_unusable_reason
-from tests.conftest import launch_args, run_cmd
+from tests.conftest import GPU_NODE, launch_args, run_cmd
 from tests.integration.test_distributed import ENV, launch, tiny_teacher, train_losses  # noqa: F401 (fixture)
 
 CONFIG = "configs/debug/tiny_equivalence.yaml"
@@ -72,8 +72,8 @@ def test_a_changed_run_is_refused_and_a_fresh_start_clears_the_old_states(tmp_pa
 def test_a_node_whose_gpus_torch_cannot_use_stops_instead_of_training_on_the_cpu(tmp_path, tiny_teacher):  # noqa: F811
     """The scheduler assigned a GPU (CUDA_VISIBLE_DEVICES) that torch cannot use: a DDP launch would silently
     train on the CPU; it stops with one message instead."""
-    if torch.cuda.is_available():
-        pytest.skip("checks a node where CUDA is unusable")
+    if torch.cuda.is_available() or GPU_NODE:
+        pytest.skip("checks a node where CUDA is unusable (this one has a usable NVIDIA driver)")
     out = tmp_path / "run"
     args = launch_args("ddp.yaml", "train/distill.py", CONFIG, f"teacher.checkpoint={tiny_teacher}",
                        "teacher.allow_factory=true", "data.batch_size=16", f"train.output_dir={out}")  # fmt: skip
@@ -85,8 +85,8 @@ def test_a_node_whose_gpus_torch_cannot_use_stops_instead_of_training_on_the_cpu
 
 
 def test_gpus_are_detected_from_the_scheduler_and_the_driver(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("checks a node where CUDA is unusable")
+    if torch.cuda.is_available() or GPU_NODE:
+        pytest.skip("checks a node where CUDA is unusable (this one has a usable NVIDIA driver)")
     for visible in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         assert cuda_unusable_reason() is None or "/dev/nvidia" in cuda_unusable_reason()

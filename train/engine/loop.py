@@ -109,7 +109,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     recipe = RecipeRun(cfg.compress, loaded=spec.recipe)  # a loaded student's steps stay first
     recipe.check_model(student)
 
-    accelerator = build_accelerator(cfg.train)
+    on_gpu = torch.cuda.is_available() and not cfg.train.cpu
+    pin = on_gpu and (cfg.data.pin_memory if cfg.data.pin_memory is not None else True)
+    accelerator = build_accelerator(cfg.train, non_blocking=pin)
     set_gradient_clipping(accelerator, cfg.optim.grad_clip)
     keep_configured_optimizer(accelerator)
     recipe.check_topology(accelerator)
@@ -126,7 +128,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             "lower data.batch_size or use more data",
         )
     prepare_run_folder(accelerator, out, cfg.train.overwrite)  # rank 0 decides, every rank follows
-    train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed)
+    train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed, pin_memory=pin)
     # The update count for compression schedules that end with the run, before Accelerate shards the loader: each
     # rank will iterate len // processes batches of this drop_last loader (checked against the sharded one below).
     planned_steps = _update_count(len(train_loader) // accelerator.num_processes, cfg.train)
@@ -134,10 +136,12 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         example = torch.zeros(1, *info["input_size"])
         batches = calibration_batches(splits.train, cfg.data)
         student = recipe.prepare(student, example, batches, accelerator.device, teacher, planned_steps)
+    if cfg.train.channels_last:
+        student = student.to(memory_format=torch.channels_last)
     topology = describe_topology(accelerator, cfg)
     lr = scaled_lr(cfg.optim, topology["global_batch"])
     configured = build_optimizer(student, cfg.optim, lr)
-    val_loader = build_loader(splits.val, cfg.data, is_training=False)
+    val_loader = build_loader(splits.val, cfg.data, is_training=False, pin_memory=pin)
     deepspeed_autocast(accelerator)  # DeepSpeed bf16 trains as DDP's autocast does
     buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics in fp16 too
     student, optimizer, train_loader, val_loader = accelerator.prepare(student, configured, train_loader, val_loader)
@@ -154,7 +158,16 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs * updates_per_epoch, lr)
     if teacher is not None:
         # Outside any wrapper Accelerate manages: no gradient sync, no optimizer state, not saved.
-        teacher = place_teacher(teacher, cfg.train.teacher_placement, accelerator.device, accelerator.num_processes)
+        teacher = place_teacher(
+            teacher,
+            cfg.train.teacher_placement,
+            accelerator.device,
+            accelerator.num_processes,
+            dtype=cfg.train.teacher_dtype,
+            channels_last=cfg.train.channels_last,
+        )
+        if cfg.train.compile_teacher:
+            teacher = torch.compile(teacher)
         task = DistillationTask(teacher, cfg.loss)
     else:
         task = SupervisedTask(cfg.loss)
@@ -194,7 +207,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     history: list[float] = []
     digest = ""
     step = position["step"]
-    meter = ThroughputMeter()
+    meter = ThroughputMeter(sync=accelerator.device.type == "cuda")
     guard = DivergenceGuard(out / "state", check_gradients=cfg.train.mixed_precision != "fp16")
     compute_dtype = ComputeDtypeProbe(accelerator.unwrap_model(student))  # what autocast really computed in
     for epoch in range(position["epoch"], cfg.train.epochs):
@@ -215,6 +228,8 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         for batch_idx, batch in enumerate(bar, start=skip):
             if step >= total_steps:  # max_steps reached mid-epoch
                 break
+            if cfg.train.channels_last:
+                batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
             losses = train_step(accelerator, student, task, optimizer, batch, cfg.optim.grad_clip, guard, step + 1)
             meter.count(batch["label"].shape[0] * accelerator.num_processes)
             if cfg.train.record_samples:

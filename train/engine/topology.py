@@ -32,12 +32,20 @@ def deepspeed_plugin(accelerator):
     return getattr(accelerator.state, "deepspeed_plugin", None)
 
 
-def build_accelerator(cfg: TrainConfig):
-    """An ``Accelerator`` for the launched topology, on CPU (gloo) when no GPU is present."""
+def build_accelerator(cfg: TrainConfig, non_blocking: bool = False):
+    """An ``Accelerator`` for the launched topology, on CPU (gloo) when no GPU is present.
+
+    ``non_blocking``: host-to-device batch copies that do not wait (the loader must pin its memory).
+    """
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        GradientAccumulationPlugin,
+        InitProcessGroupKwargs,
+        TorchDynamoPlugin,
+    )
 
     from slimforge.train.engine.outputs import cuda_unusable_reason
 
@@ -68,7 +76,11 @@ def build_accelerator(cfg: TrainConfig):
         project_dir=str(Path(cfg.output_dir) / "tensorboard"),
         kwargs_handlers=handlers,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps),
+        dataloader_config=DataLoaderConfiguration(non_blocking=non_blocking),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile_student else None,
     )
+    if cfg.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     check_topology(accelerator, cfg)
     # Before any training compute and before the DataLoader's workers start (they run 1 thread each, torch's
     # default in workers); after the Accelerator, which may set its own count on MULTI_CPU.
@@ -302,7 +314,26 @@ def describe_topology(accelerator, cfg: RunConfig) -> dict[str, Any]:
         "clipped_by": "DeepSpeed" if plugin is not None else "Accelerate (clip_grad_norm_)",
         "teacher_placement": cfg.train.teacher_placement,
         "collective_timeout_s": cfg.train.collective_timeout_s,
+        "speed": speed_options(accelerator, cfg),
         "ranks": gather_object([rank]),
+    }
+
+
+def speed_options(accelerator, cfg: RunConfig) -> dict[str, Any]:
+    """The input-pipeline and compute options in effect (GPU-oriented; most are no-ops on the CPU)."""
+    d, t = cfg.data, cfg.train
+    workers = d.num_workers
+    return {
+        "loader_workers_per_rank": workers,
+        "pin_memory": accelerator.dataloader_config.non_blocking,
+        "non_blocking_copies": accelerator.dataloader_config.non_blocking,
+        "persistent_workers": d.persistent_workers and workers > 0,
+        "prefetch_factor": (d.prefetch_factor or 2) if workers > 0 else None,
+        "channels_last": t.channels_last,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "compile_student": t.compile_student,
+        "compile_teacher": t.compile_teacher,
+        "teacher_dtype": t.teacher_dtype,
     }
 
 
@@ -334,6 +365,7 @@ def log_topology(topology: dict[str, Any], cfg: RunConfig, lr: float, total_step
         cfg.optim.reference_batch,
         total_steps,
     )
+    logger.info("speed options: %s", ", ".join(f"{k} {v}" for k, v in topology["speed"].items()))
     for r in topology["ranks"]:
         logger.info(
             "rank %d (local %d) on %s: device %s, %d intra-op threads (%s), collective timeout %s s",

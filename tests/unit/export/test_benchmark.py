@@ -33,7 +33,7 @@ from slimforge.train.data import DataConfig, load_splits, with_transform
 MNIST = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)  # as conftest's checkpoints
 N = 48
 SETTINGS = BenchConfig(
-    timing=TimingConfig(batch_sizes=[1, 4], runs=5, warmup=1, throughput_runs=2, threads=1),
+    timing=TimingConfig(batch_sizes=[1, 4], runs=6, rounds=3, min_round_s=0, warmup=1, throughput_runs=2, threads=1),
     max_images=N,
     isolate=False,
     peak_seconds=0.05,
@@ -42,8 +42,16 @@ SETTINGS = BenchConfig(
     accuracy_budget=0.05,
 )
 PLANNED = {  # the default runtime set per artifact kind, in registry order
-    "checkpoint": ["torch-eager", "torch-eager-bf16", "torch-eager-cl", "torch-eager-cuda"],
-    ".onnx": ["ort-cpu", "ort-cuda", "ort-tensorrt", "openvino"],
+    "checkpoint": [
+        "torch-eager",
+        "torch-eager-bf16",
+        "torch-eager-cl",
+        "torch-eager-cuda",
+        "torch-eager-cuda-bf16",
+        "torch-eager-cuda-fp16",
+        "torch-eager-cuda-cl",
+    ],
+    ".onnx": ["ort-cpu", "ort-cuda", "ort-tensorrt", "ort-tensorrt-fp16", "openvino"],
     ".ts": ["torchscript", "torchscript-cuda"],
 }
 
@@ -123,7 +131,7 @@ def test_plan_covers_every_runtime_and_skips_with_reasons(report, setup):
         cuda_rows = [r for r in rows if r["runtime"] in ("torch-eager-cuda", "ort-cuda", "ort-tensorrt")]
         assert cuda_rows
         assert all(r["status"] == "skipped" and r["reason"] == "no CUDA GPU is visible" for r in cuda_rows)
-    assert set(report["not_selected"]) == {"torch-compile", "openvino-fp32", "ort-cpu-emulated"}
+    assert set(report["not_selected"]) == {"torch-compile", "torch-compile-cuda", "openvino-fp32", "ort-cpu-emulated"}
 
 
 def test_errors_are_isolated_per_row(report, setup):
@@ -171,7 +179,10 @@ def test_measured_numbers_match_an_independent_computation(report, setup):
     for r in ok:
         assert r["num_images"] == N and r["threads"] == 1 and 0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1
         lat = r["latency_ms"]
-        assert lat["runs"] == 5 and 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert lat["runs"] == 6 and lat["rounds"] == len(lat["round_p50"]) == 3  # 2 calls per round
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p99"] and lat["p50"] == pytest.approx(np.median(lat["round_p50"]))
+        spread = (max(lat["round_p50"]) - min(lat["round_p50"])) / lat["p50"]
+        assert lat["spread"] == pytest.approx(spread) and lat["stable"] == (spread <= 0.10)
         assert [s["batch_size"] for s in r["throughput"]] == [1, 4]
         assert all(s["images_per_s"] > 0 for s in r["throughput"])
         assert r["best_throughput"]["images_per_s"] == max(s["images_per_s"] for s in r["throughput"])
@@ -247,6 +258,17 @@ def test_report_files(report, tmp_path):
         assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] >= 400
     assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
 
+    # A row whose rounds moved beyond unstable_spread is flagged in the table and named under it.
+    moved = json.loads(json.dumps(report))
+    i = next(i for i, r in enumerate(moved["rows"]) if r["status"] == "ok" and r["role"] != "teacher")
+    moved["rows"][i]["latency_ms"].update(spread=0.31, stable=False)
+    for r in moved["rows"][:i] + moved["rows"][i + 1 :]:
+        if r.get("latency_ms"):
+            r["latency_ms"].update(spread=0.01, stable=True)
+    md = write_benchmark(moved, tmp_path / "moved")["md"].read_text()
+    assert md.count(" ⚠ |") == 1 and "31.0% ⚠" in md
+    assert f"Unstable (⚠, round medians more than 10% apart): {rows[i]['artifact']} [{rows[i]['runtime']}] 31%" in md
+
 
 def test_isolated_rows_measure_their_own_memory(setup, report):
     teacher, _, out = setup
@@ -273,7 +295,8 @@ def test_isolated_rows_measure_their_own_memory(setup, report):
 def test_benchmark_entry(setup, tmp_path, capsys):
     teacher, _, out = setup
     argv = ["--teacher", str(teacher), "--student", str(out / "model.onnx"), str(tmp_path / "missing.onnx")]
-    argv += ["--out", str(tmp_path / "bench"), "--runs", "3", "--warmup", "1", "--throughput-runs", "1"]
+    argv += ["--out", str(tmp_path / "bench"), "--runs", "3", "--min-round-s", "0", "--warmup", "1"]
+    argv += ["--throughput-runs", "1"]
     argv += ["--batch-sizes", "1", "2", "--max-images", "8", "--threads", "1", "--runtimes", "ort-cpu"]
     argv += ["--no-isolate", "--peak-seconds", "0", "--no-progress", "--note", "random init"]
     assert benchmark_main(argv) == 0

@@ -118,3 +118,28 @@ def test_finish_rows_fills_speedup_peak_fraction_and_pareto():
     assert teacher["pareto"] and int8["pareto"] and skipped.get("speedup_p50") is None and skipped.get("pareto") is None
     finish_rows(rows, None)
     assert int8["fraction_of_peak"] is None and int8["achieved_ops_per_s"] == pytest.approx(1e6)
+
+
+def test_gpu_rows_are_compared_with_the_gpu_teacher_and_recommended_per_device():
+    def on(device, row):
+        row["device"] = device
+        row["runtime"] = "torch-eager-cuda" if device == "cuda" and row["role"] == "teacher" else row["runtime"]
+        return row
+
+    rows = [
+        on("cpu", _row("teacher", 10.0, 0.90, role="teacher")),
+        on("cuda", _row("teacher", 1.0, 0.90, role="teacher")),
+        on("cpu", _row("cpu_student", 2.0, 0.895)),
+        on("cuda", _row("gpu_student", 0.25, 0.895)),
+        on("cuda", _row("gpu_slow", 2.5, 0.90)),
+    ]
+    peaks = {"cpu": {"fp32": {"ops_per_s": 1e9}}, "cuda": {"fp32": {"ops_per_s": 1e12}}}
+    finish_rows(rows, peaks)
+    assert rows[2]["speedup_p50"] == pytest.approx(5.0) and rows[2]["speedup_vs"] == "rt (cpu)"
+    assert rows[3]["speedup_p50"] == pytest.approx(4.0) and rows[3]["speedup_vs"] == "torch-eager-cuda (cuda)"
+    assert rows[1]["speedup_p50"] == pytest.approx(1.0)
+    # One front per device: the 0.25 ms GPU row does not push the CPU student off the CPU front.
+    assert rows[2]["pareto"] and rows[3]["pareto"] and not rows[4]["pareto"]
+    cpu, cuda = recommend(rows, 0.01), recommend(rows, 0.01, "cuda")
+    assert (cpu["row"], cpu["device"]) == (2, "cpu") and (cuda["row"], cuda["device"]) == (3, "cuda")
+    assert recommend(rows, 0.01, "xpu") is None

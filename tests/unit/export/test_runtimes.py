@@ -4,6 +4,7 @@ plan; the input-shape check."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -98,7 +99,14 @@ def test_selection_and_plan(exported_student, tmp_path):
     ]
     assert "torch-eager" in plan[0].skip and "--runtimes" in plan[0].skip
     plan = plan_rows([str(onnx_path)], ["default", "openvino-fp32"])
-    assert [t.runtime for t in plan] == ["ort-cpu", "ort-cuda", "ort-tensorrt", "openvino", "openvino-fp32"]
+    assert [t.runtime for t in plan] == [
+        "ort-cpu",
+        "ort-cuda",
+        "ort-tensorrt",
+        "ort-tensorrt-fp16",
+        "openvino",
+        "openvino-fp32",
+    ]
 
 
 def test_input_shape_check():
@@ -125,3 +133,36 @@ def test_gpu_runtimes_say_why_they_cannot_run():
             get_runtime("ort-cuda")
     for name in available_runtimes():
         assert runtime_class(name).summary() and runtime_class(name).kinds, name
+
+
+def test_node_placement_reads_back_which_provider_ran_each_node(exported_student, tmp_path):
+    """The reader the GPU providers use to name nodes that fell back, on a CPU session's own profile."""
+    import onnxruntime as ort
+
+    from slimforge.export.runtimes.ort import node_placement, session_options
+
+    so = session_options(1)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "profile")
+    path = exported_student.out / "model.onnx"
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 1, 32, 32), np.float32)})
+    placement = node_placement(sess.end_profiling())
+    graph_ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert set(placement) == {"CPUExecutionProvider"}
+    assert placement["CPUExecutionProvider"].get("Conv", 0) > 0 or placement["CPUExecutionProvider"].get("FusedConv")
+    assert sum(placement["CPUExecutionProvider"].values()) >= 1 and graph_ops
+    assert node_placement(str(tmp_path / "missing.json")) == {}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["torch-eager-cuda-bf16", "torch-eager-cuda-fp16", "torch-eager-cuda-cl", "torch-compile-cuda",
+     "ort-tensorrt-fp16"],
+)  # fmt: skip
+def test_gpu_runtimes_say_why_they_cannot_run_here(name):
+    cls = runtime_class(name)
+    ok, why = cls.available()
+    assert cls.device == "cuda"
+    if not torch.cuda.is_available():
+        assert not ok and why

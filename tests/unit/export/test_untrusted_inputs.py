@@ -24,7 +24,7 @@ from slimforge.train.errors import ExportError, ModelError
 from tests.conftest import DIGITS, make_checkpoint
 
 FAST = BenchConfig(
-    timing=TimingConfig(batch_sizes=[1], runs=2, warmup=0, throughput_runs=1, threads=1),
+    timing=TimingConfig(batch_sizes=[1], runs=2, rounds=1, min_round_s=0, warmup=0, throughput_runs=1, threads=1),
     max_images=8,
     isolate=False,
     peak_seconds=0,
