@@ -7,8 +7,15 @@ Each row is a real `accelerate launch` of train/train.py and train/distill.py (s
 a random-init timm resnet18 checkpoint, embedded MNIST-5k at 32×32, the same per-rank micro-batch), and reads
 the run's summary.json: steady-state training images/s (3rd update to last, no evaluation) and the bytes of
 parameters + optimizer state each rank holds (train/memory.py), and the teacher parameter bytes each rank holds
-(the `+sharded-teacher` rows use train.teacher_placement=sharded). Strategies the machine cannot run are listed
-as skipped with the reason. The same script runs unchanged on a GPU machine.
+(the `+sharded-teacher` rows use train.teacher_placement=sharded; `+cached-teacher` first runs
+train/cache_teacher.py under the same launch, then distils from its cache: its row also gives the caching time).
+Strategies the machine cannot run are listed as skipped with the reason. The same script runs unchanged on a GPU
+machine.
+
+    .venv/bin/python scripts/bench_distributed.py --cache-sizes   # bytes per 1,000 images, k = 10 and k = all
+
+--cache-sizes caches a random-init 100-class teacher on 1,600 synthetic training images (one epoch, fp16 and
+fp32) at k = 10 and k = 100 (all) and prints the cache's size on disk per 1,000 images per cached epoch.
 
 Two modes time the demo's teacher stage instead (configs/train/teacher_mnist.yaml under single.yaml, 1 epoch):
 
@@ -28,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +49,7 @@ STRATEGIES = {
     "single": ("single.yaml", 1, ()),
     "ddp": ("ddp.yaml", 2, ()),
     "ddp+sharded-teacher": ("ddp.yaml", 2, ("train.teacher_placement=sharded",)),
+    "ddp+cached-teacher": ("ddp.yaml", 2, ("train.teacher_placement=cached",)),
     "zero1": ("zero1.yaml", 2, ()),
     "zero2": ("zero2.yaml", 2, ()),
     "zero3": ("zero3.yaml", 2, ()),
@@ -82,8 +91,10 @@ def make_teacher(folder: Path) -> Path:
     return save_checkpoint(model.state_dict(), spec, folder / "teacher", extra={"data": dataclasses.asdict(data)})
 
 
-def run(name: str, entry: str, teacher: Path, out: Path, args) -> dict:
+def run(name: str, entry: str, teacher: Path, out: Path, args, more: tuple[str, ...] = ()) -> dict:
     launch_config, nproc, extra = STRATEGIES[name]
+    if entry != "distill":
+        extra = tuple(e for e in extra if not e.startswith("train.teacher_placement"))
     cmd = [
         str(BIN / "accelerate"),
         "launch",
@@ -102,14 +113,51 @@ def run(name: str, entry: str, teacher: Path, out: Path, args) -> dict:
         f"data.batch_size={args.batch}",
         "data.num_workers=1",
         f"train.max_steps={args.steps}",
-        "train.epochs=1000",
+        "train.epochs=1",  # one epoch holds more than --steps updates of the 5,000 digits (the cache holds one)
         "train.tensorboard=false",
         *extra,
+        *more,
     ]
+    start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
+    if entry == "cache_teacher":
+        meta = json.loads((Path(more[0].split("=", 1)[1]) / "cache.json").read_text())
+        return meta | {"wall_seconds": time.perf_counter() - start}
     return json.loads((out / "summary.json").read_text())
+
+
+def cache_sizes() -> int:
+    """Bytes of a one-epoch cache of 1,600 synthetic images from a 100-class teacher, per k and dtype."""
+    import torch
+
+    from slimforge.train.checkpoint import save_checkpoint
+    from slimforge.train.data import DataConfig, describe
+    from slimforge.train.models import ModelConfig, build_model
+
+    data = DataConfig(source="synthetic", synthetic_samples=2000, synthetic_classes=100, in_chans=3, image_size=32,
+                      val_fraction=0.2)  # fmt: skip
+    print("| k | dtype | entries | bytes on disk | per 1,000 images per epoch |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        info = describe(data)
+        torch.manual_seed(0)
+        model, spec = build_model(ModelConfig(name="resnet10t"), 100, info["input_size"], info)
+        teacher = save_checkpoint(model.state_dict(), spec, Path(tmp) / "t", extra={"data": dataclasses.asdict(data)})
+        for k, dtype in ((10, "fp16"), (100, "fp16"), (10, "fp32"), (100, "fp32")):
+            out = Path(tmp) / f"cache-{k}-{dtype}"
+            cmd = [sys.executable, "train/cache_teacher.py", "--config", "configs/debug/tiny_distill.yaml",
+                   f"teacher.checkpoint={teacher}", "data.source=synthetic", "data.synthetic_samples=2000",
+                   "data.synthetic_classes=100", "data.in_chans=3", "data.max_train_samples=null",
+                   "data.max_val_samples=64", "data.num_workers=0", "train.epochs=1", f"cache.path={out}",
+                   f"cache.topk={k}", f"cache.dtype={dtype}", f"train.output_dir={Path(tmp) / 'run'}"]  # fmt: skip
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip()[-2000:])
+            meta = json.loads((out / "cache.json").read_text())
+            n = meta["num_samples"] * meta["epochs"]
+            print(f"| {k} | {dtype} | {n} | {meta['bytes']} | {meta['bytes'] / n * 1000 / 1e6:.3f} MB |")
+    return 0
 
 
 def run_demo(out: Path, omp_num_threads: str | None) -> dict:
@@ -196,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--steps", type=int, default=30, help="optimizer updates per run (%(default)s)")
     parser.add_argument("--batch", type=int, default=32, help="per-rank micro-batch (%(default)s)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating supervised/distill pairs (%(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument(
         "--threads-check", action="store_true", help="demo teacher stage: images/s at 1 thread vs the default"
@@ -203,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loader-only", action="store_true", help="demo teacher stage: its DataLoader alone vs training"
     )
+    parser.add_argument("--cache-sizes", action="store_true", help="teacher cache bytes per 1,000 images")
     args = parser.parse_args(argv)
+    if args.cache_sizes:
+        return cache_sizes()
     if args.threads_check or args.loader_only:
         return demo_checks(args)
 
@@ -215,13 +267,27 @@ def main(argv: list[str] | None = None) -> int:
             row = {"strategy": name, "processes": STRATEGIES[name][1], "skipped": reason}
             if reason is None:
                 try:
-                    for entry in ("train", "distill"):
-                        s = run(name, entry, teacher, Path(tmp) / f"{name}-{entry}", args)
-                        row[entry] = s["steady_images_per_second"]
-                        row["memory"] = s["state_memory_per_rank"][0]
-                        row["type"] = s["topology"]["sharding"]
-                        if entry == "distill":
-                            row["teacher_bytes"] = s["teacher_param_bytes_per_rank"][0]
+                    more: tuple[str, ...] = ()
+                    if "cached" in name:
+                        cache = Path(tmp) / f"{name}-cache"
+                        more = (f"cache.path={cache}",)
+                        meta = run(name, "cache_teacher", teacher, Path(tmp) / f"{name}-c", args, more)
+                        row["cache"] = {k: meta[k] for k in ("seconds", "wall_seconds", "bytes", "num_samples")}
+                    ratios, rates, step_ms = [], {"train": [], "distill": []}, {"train": [], "distill": []}
+                    for rep in range(args.repeats):  # alternating, so drift in the machine's speed hits both
+                        for entry in ("train", "distill"):
+                            out = Path(tmp) / f"{name}-{entry}-{rep}"
+                            s = run(name, entry, teacher, out, args, more if entry == "distill" else ())
+                            rates[entry].append(s["steady_images_per_second"])
+                            step_ms[entry].append(s["steady_step_ms"])
+                            row["memory"] = s["state_memory_per_rank"][0]
+                            row["type"] = s["topology"]["sharding"]
+                            if entry == "distill":
+                                row["teacher_bytes"] = s["teacher_param_bytes_per_rank"][0]
+                        ratios.append(step_ms["distill"][-1] / step_ms["train"][-1])
+                    row.update({e: statistics.median(v) for e, v in rates.items()}, ratios=ratios)
+                    row.update({f"{e}_ms": statistics.median(v) for e, v in step_ms.items()})
+                    row["cost"] = statistics.median(ratios)
                 except RuntimeError as e:
                     row["skipped"] = f"error: {e}"
             rows.append(row)
@@ -230,15 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     mb = 1024 * 1024
     base = next((r for r in rows if r["strategy"] == "single" and not r["skipped"]), None)
     print(f"\nTraining throughput, per-rank micro-batch {args.batch}, {args.steps} updates (images/s, all ranks)\n")
-    print("| strategy | processes | supervised | distillation | distill step cost (× supervised) |")
-    print("|---|---|---|---|---|")
+    print(f"(medians of {args.repeats} alternating supervised/distillation pairs; step: a batch in hand to its update")
+    print("done, without waiting for the loader)\n")
+    print("| strategy | processes | supervised img/s | distillation img/s | supervised step ms | distillation step "
+          "ms | distill step cost (× supervised) | per pair |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["skipped"]:
-            print(f"| {r['strategy']} | {r['processes']} | skipped: {r['skipped']} | | |")
+            print(f"| {r['strategy']} | {r['processes']} | skipped: {r['skipped']} | | | | | |")
         else:
             print(
-                f"| {r['strategy']} | {r['processes']} | {r['train']:.1f} | {r['distill']:.1f} | "
-                f"{r['train'] / r['distill']:.2f} |"
+                f"| {r['strategy']} | {r['processes']} | {r['train']:.1f} | {r['distill']:.1f} | {r['train_ms']:.1f} | "
+                f"{r['distill_ms']:.1f} | {r['cost']:.2f} | " + ", ".join(f"{x:.2f}" for x in r["ratios"]) + " |"
             )
     print("\nStudent parameters + optimizer state, and teacher parameters, held by one rank (MB)\n")
     print("| strategy | params | optimizer state | total | vs single process | vs zero3-1proc | teacher |")
@@ -257,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['strategy']} | {m['param_bytes'] / mb:.1f} | {m['optimizer_bytes'] / mb:.1f} | "
             f"{total / mb:.1f} | {vs[0]} | {vs[1]} | {r['teacher_bytes'] / mb:.1f} |"
         )
+    for r in rows:
+        if r.get("cache"):
+            c = r["cache"]
+            print(f"\n{r['strategy']}: caching {c['num_samples']} images took {c['seconds']:.1f} s of teacher work "
+                  f"({c['wall_seconds']:.1f} s with the launch), {c['bytes'] / 1e6:.2f} MB on disk")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -24,7 +24,14 @@ TOP_LEVEL_OK = {
     "train": {"torch", "numpy", "yaml"},
     "export": {"torch", "numpy"},
 }
-ENTRIES = ["train/train.py", "train/distill.py", "export/export.py", "export/benchmark.py", "compress/compress.py"]
+ENTRIES = [
+    "train/train.py",
+    "train/distill.py",
+    "train/cache_teacher.py",
+    "export/export.py",
+    "export/benchmark.py",
+    "compress/compress.py",
+]
 
 
 def modules(pkg: str):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,9 @@ import torch
 
 from slimforge.train.config import at_least
 from slimforge.train.errors import DataError
+from slimforge.train.views import ImageSamples, build_transform, policy_problems, sample_seed
+
+__all__ = ["DataConfig", "ImageSamples", "build_loader", "build_transform", "load_splits", "sample_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +60,35 @@ class DataConfig:
     """Normalisation mean per channel; ``None``: the embedded dataset's own, else 0.5 (1 ch) / ImageNet (3 ch)."""
     std: list[float] | None = None
     augment: bool = True
-    """Random-resized-crop augmentation on the training split (timm ``create_transform``)."""
+    """Random augmentation of the training split (timm ``create_transform``): random-resized crop, flip and the
+    options below. Every sample's view is a pure function of (train.seed, epoch, sample index)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
     """Random-resized-crop area range; digits lose their identity below ~0.5."""
+    crop_ratio: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    """Random-resized-crop aspect-ratio range (timm's ImageNet default is [0.75, 1.333])."""
     hflip: float = 0.0
     """Horizontal flip probability (0 for digits and text)."""
+    color_jitter: float | None = None
+    """Brightness/contrast/saturation jitter strength (timm ``color_jitter``); null: none. Ignored with
+    ``auto_augment``, as in timm."""
+    auto_augment: str | None = None
+    """A timm policy string: ``rand-m9-mstd0.5-inc1`` (RandAugment), ``original`` / ``v0`` (AutoAugment),
+    ``augmix-m5-w4-d2`` (AugMix ops, without its loss); null: none."""
+    re_prob: float = 0.0
+    """Random-erasing probability (timm ``re_prob``), after normalisation."""
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"
+    """What random erasing fills with."""
+    translate: float = 0.0
+    """Translation jitter: shift the image by up to this fraction of its size in x and y before the crop."""
+    mixup_alpha: float = 0.0
+    """Mixup (Zhang et al. 2018): a sample is blended with another, lambda ~ Beta(alpha, alpha); 0 turns it off.
+    The target becomes soft (lambda, 1 - lambda) and the loss soft-target cross-entropy."""
+    cutmix_alpha: float = 0.0
+    """CutMix (Yun et al. 2019): a box of another sample is pasted, its area from Beta(alpha, alpha); 0: off."""
+    mix_prob: float = 1.0
+    """Probability that a sample is mixed at all (with mixup_alpha or cutmix_alpha > 0)."""
+    mix_switch_prob: float = 0.5
+    """With both on, the probability of CutMix instead of Mixup for a mixed sample."""
     interpolation: str = "bilinear"
     batch_size: int = 64
     """Per-process micro-batch; the global batch is batch_size × processes."""
@@ -104,8 +130,18 @@ class DataConfig:
             p.append(f"std: {self.std} must be positive")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             p.append(f"crop_scale: {self.crop_scale} must be [low, high] with 0 < low <= high <= 1")
-        if not 0.0 <= self.hflip <= 1.0:
-            p.append(f"hflip: {self.hflip} must be a probability in [0, 1]")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            p.append(f"crop_ratio: {self.crop_ratio} must be [low, high] with 0 < low <= high")
+        for name in ("hflip", "re_prob", "mix_prob", "mix_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                p.append(f"{name}: {getattr(self, name)} must be a probability in [0, 1]")
+        if not 0.0 <= self.translate < 0.5:
+            p.append(f"translate: {self.translate} must be in [0, 0.5) (a fraction of the image size)")
+        p += [f"{n}: {getattr(self, n)} must be >= 0" for n in ("mixup_alpha", "cutmix_alpha") if getattr(self, n) < 0]
+        if self.color_jitter is not None and self.color_jitter < 0:
+            p.append(f"color_jitter: {self.color_jitter} must be >= 0")
+        if self.auto_augment is not None:
+            p += policy_problems(self.auto_augment)
         p += at_least(self, 1, "batch_size", "eval_batch_size", "synthetic_samples", "max_train_samples")
         p += at_least(self, 1, "max_val_samples")
         p += at_least(self, 2, "synthetic_classes")
@@ -270,25 +306,6 @@ def load_splits(cfg: DataConfig) -> Splits:
     return Splits(train=train, val=val, class_names=list(label_feature.names))
 
 
-def build_transform(cfg: DataConfig, is_training: bool):
-    """timm's train/eval transform for ``cfg`` (PIL image → normalised ``[C, H, W]`` float tensor)."""
-    from timm.data import create_transform
-
-    mean, std = cfg.normalization()
-    kwargs: dict[str, Any] = dict(
-        input_size=(cfg.in_chans, cfg.image_size, cfg.image_size),
-        mean=mean,
-        std=std,
-        interpolation=cfg.interpolation,
-    )
-    if is_training and cfg.augment:
-        kwargs.update(is_training=True, scale=tuple(cfg.crop_scale), ratio=(0.9, 1.1), hflip=cfg.hflip)
-        kwargs.update(color_jitter=None)
-    else:
-        kwargs.update(is_training=False, crop_pct=1.0)
-    return create_transform(**kwargs)
-
-
 def with_transform(ds, cfg: DataConfig, is_training: bool = False):
     """``ds`` as a ``datasets.Dataset`` view yielding ``pixel_values`` / ``label`` / ``index`` (supports slicing).
 
@@ -305,39 +322,6 @@ def with_transform(ds, cfg: DataConfig, is_training: bool = False):
         }
 
     return ds.with_transform(apply)
-
-
-class ImageSamples(torch.utils.data.Dataset):
-    """A ``datasets.Dataset`` split seen as ``{"pixel_values": [C, H, W], "label": int, "index": int}`` items.
-
-    Keys are ``(epoch, index)`` pairs (from :class:`EpochShuffle`) or plain indices. The random augmentation of a
-    sample is seeded by ``(seed, epoch, index)`` alone, so it is the same whichever rank or DataLoader worker
-    draws it and whether or not the run was interrupted and resumed: that is what makes resumed runs replay
-    the uninterrupted run exactly.
-    """
-
-    def __init__(self, ds, cfg: DataConfig, is_training: bool, seed: int = 0) -> None:
-        self.ds = ds
-        self.transform = build_transform(cfg, is_training)
-        self.mode = "L" if cfg.in_chans == 1 else "RGB"
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        row = self.ds[int(index)]
-        image = row["image"].convert(self.mode)
-        # timm's transforms draw from `random` and torch's global RNG: seed both per sample, then restore them.
-        sample_seed = hash((self.seed, epoch, int(index))) & 0x7FFF_FFFF
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(sample_seed)
-            torch.manual_seed(sample_seed)
-            pixels = self.transform(image)
-        random.setstate(py_state)
-        return {"pixel_values": pixels, "label": row["label"], "index": row[INDEX_COLUMN]}
 
 
 class EpochShuffle(torch.utils.data.Sampler):

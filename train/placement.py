@@ -10,7 +10,10 @@ gathered. It needs only torch's default process group, so it is independent of h
 (DDP, DeepSpeed ZeRO-*, FSDP); it has been run on CPU (gloo) under DDP, ZeRO-2 and ZeRO-3, not yet on GPUs.
 The price is an all-gather of the whole teacher per micro-batch on every rank.
 
-In both placements the teacher is frozen, runs under ``torch.no_grad``, never enters the optimizer and is never
+``cached``: no teacher at all during distillation: its outputs for every training sample and epoch were computed
+once by ``train/cache_teacher.py`` and are looked up by sample (:mod:`slimforge.train.teacher_cache`).
+
+In the first two placements the teacher is frozen, runs under ``torch.no_grad``, never enters the optimizer and is never
 written to a checkpoint or a resumable state (it is not handed to ``accelerator.prepare``).
 """
 
@@ -21,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-Placement = Literal["replicated", "sharded"]
+Placement = Literal["replicated", "sharded", "cached"]
 TeacherDtype = Literal["fp32", "bf16"]
 
 # A sharded teacher is split into about this many FSDP units (plus the root): the peak memory of a forward is

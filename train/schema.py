@@ -23,6 +23,7 @@ from slimforge.train.losses import LossConfig
 from slimforge.train.models import ModelConfig
 from slimforge.train.optim import OptimConfig
 from slimforge.train.placement import Placement, TeacherDtype
+from slimforge.train.teacher_cache import CacheConfig
 
 
 @dataclass
@@ -69,8 +70,9 @@ class TrainConfig:
     """replicated: a full frozen copy of the teacher on every rank, outside any DDP/DeepSpeed/FSDP wrapper
     (memory per rank = teacher weights + activations of one micro-batch; no communication). sharded: the
     teacher's weights split across the ranks with FSDP2 for inference (1/world of them per rank, plus the
-    layers being gathered; an all-gather of the teacher per micro-batch); needs >= 2 processes. See
-    train/placement.py."""
+    layers being gathered; an all-gather of the teacher per micro-batch); needs >= 2 processes. cached: the
+    teacher's outputs read from the cache train/cache_teacher.py wrote (``cache`` section): no teacher forward.
+    See train/placement.py."""
 
     teacher_dtype: TeacherDtype = "fp32"
     """bf16: the teacher computes in bf16 (replicated: bf16 weights, half the memory; sharded: bf16 all-gathers,
@@ -120,6 +122,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The cached teacher (``train.teacher_placement=cached``, train/cache_teacher.py)."""
     compress: list[dict[str, Any]] = field(default_factory=list)
     """Compression recipe steps ``[{method: <name>, <option>: <value>}, ...]`` applied to the bare student before
     training (methods: ``slimforge.compress.api.method_names()``; options: each method's ``XxxConfig``). A student
@@ -128,4 +132,12 @@ class RunConfig:
     def validate(self) -> list[str]:
         from slimforge.train.recipe import step_problems
 
-        return [f"compress{p}" for p in step_problems(self.compress)]
+        p = [f"compress{p}" for p in step_problems(self.compress)]
+        if self.train.teacher_placement == "cached" and self.loss.task == "hint":
+            p.append(
+                "loss.task: hint matches the teacher's intermediate features, which a cache does not hold: use "
+                "train.teacher_placement=replicated or sharded, or loss.task=kd"
+            )
+        if self.train.teacher_placement == "cached" and self.train.compile_teacher:
+            p.append("train.compile_teacher: a cached teacher does not run: set compile_teacher=false")
+        return p

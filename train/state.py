@@ -32,7 +32,7 @@ FREE_FIELDS = frozenset(
         "train.checkpoint_every", "train.keep_states", "train.resume", "train.max_steps", "train.cpu_threads",
         "train.collective_timeout_s", "data.num_workers", "data.eval_batch_size", "data.max_val_samples",
         "data.pin_memory", "data.persistent_workers", "data.prefetch_factor", "model.allow_factory",
-        "teacher.allow_factory",
+        "teacher.allow_factory", "cache.path", "cache.batch_size",
     }
 )  # fmt: skip
 """Run-config fields a resumed run may change: they change neither the numerics nor the schedule (``max_steps``

@@ -17,6 +17,8 @@ def evaluate(model: nn.Module, loader, accelerator) -> dict[str, float]:
     for batch in loader:
         with accelerator.autocast():
             logits = model(batch["pixel_values"])
+        if isinstance(logits, (tuple, list)):  # a student with a task's adapters also returns their features
+            logits = logits[0]
         # gather_for_metrics drops the samples Accelerate duplicated to even out the last batch.
         logits, labels = accelerator.gather_for_metrics((logits.float(), batch["label"]))
         correct += (logits.argmax(-1) == labels).sum()

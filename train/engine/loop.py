@@ -12,10 +12,12 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from slimforge.train.errors import SlimforgeError
 
@@ -79,11 +81,12 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         set_gradient_clipping,
     )
     from slimforge.train.memory import param_bytes, state_memory
-    from slimforge.train.models.load import load_or_build
+    from slimforge.train.models.load import described_teacher, load_or_build
     from slimforge.train.optim import build_optimizer, build_scheduler, scaled_lr
     from slimforge.train.placement import place_teacher
     from slimforge.train.state import clear_states, fingerprint, load_train_state, save_train_state
-    from slimforge.train.task import DistillationTask, SupervisedTask, freeze_
+    from slimforge.train.task import CacheTeacher, LiveTeacher, StudentWithAdapters, build_task, freeze_, teacher_view
+    from slimforge.train.teacher_cache import CachedTeacher, cache_dir
 
     out = Path(cfg.train.output_dir)
     if distill and cfg.teacher is None:
@@ -101,11 +104,15 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     shape = (splits.num_classes, info["input_size"], info, splits.class_names)
     student, spec = load_or_build(cfg.model, "model", *shape)
     teacher = teacher_spec = None
-    if distill:
+    cached = distill and cfg.train.teacher_placement == "cached"
+    if distill and cached:
+        teacher_spec = described_teacher(cfg.teacher, splits.class_names)  # no teacher runs: its record suffices
+    elif distill:
         teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *shape)
         # Frozen before compression steps see it: a Taylor ranking or calibration pass must not update its
-        # batch-norm statistics or compute with batch statistics.
-        freeze_(teacher)
+        # batch-norm statistics or compute with batch statistics. Then put behind the conversion to the input it
+        # was trained on (size, channels, normalisation), when the student's data differ.
+        teacher = teacher_view(freeze_(teacher), teacher_spec, info)
     recipe = RecipeRun(cfg.compress, loaded=spec.recipe)  # a loaded student's steps stay first
     recipe.check_model(student)
 
@@ -115,6 +122,13 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     set_gradient_clipping(accelerator, cfg.optim.grad_clip)
     keep_configured_optimizer(accelerator)
     recipe.check_topology(accelerator)
+    if not distill:
+        task = build_task(cfg.loss, supervised=True)
+    elif cached:
+        cache = CachedTeacher(cache_dir(cfg), cfg, splits.num_classes, len(splits.train), accelerator.device)
+        task = build_task(cfg.loss, CacheTeacher(cache))
+    else:
+        task = build_task(cfg.loss, LiveTeacher(teacher))
     if distill and cfg.train.teacher_placement == "sharded" and accelerator.num_processes < 2:
         raise SlimforgeError(
             "train.teacher_placement=sharded splits the teacher across processes, and this run has one",
@@ -138,6 +152,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         student = recipe.prepare(student, example, batches, accelerator.device, teacher, planned_steps)
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
+    wrapped = hasattr(task, "wrap_student")
+    if wrapped:  # the task's trainable adapters join the student: trained, synced, saved in states, resumed with it
+        student = task.wrap_student(student, torch.zeros(2, *info["input_size"]))
     topology = describe_topology(accelerator, cfg)
     lr = scaled_lr(cfg.optim, topology["global_batch"])
     configured = build_optimizer(student, cfg.optim, lr)
@@ -146,7 +163,13 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics in fp16 too
     student, optimizer, train_loader, val_loader = accelerator.prepare(student, configured, train_loader, val_loader)
     topology.update(describe_numerics(accelerator, student, optimizer, configured, cfg.train.mixed_precision))
-    match_input_dtype(accelerator.unwrap_model(student))  # DeepSpeed's fp16 student takes fp16 inputs
+
+    def bare() -> nn.Module:
+        """The student network itself (without the task's adapters or any wrapper)."""
+        m = accelerator.unwrap_model(student)
+        return m.student if isinstance(m, StudentWithAdapters) else m
+
+    match_input_dtype(bare())  # DeepSpeed's fp16 student takes fp16 inputs
     updates_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)  # the last partial one steps too
     total_steps = _update_count(len(train_loader), cfg.train)
     if recipe and total_steps != planned_steps:
@@ -168,9 +191,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         )
         if cfg.train.compile_teacher:
             teacher = torch.compile(teacher)
-        task = DistillationTask(teacher, cfg.loss)
-    else:
-        task = SupervisedTask(cfg.loss)
+        task.teacher.module = freeze_(teacher)
 
     position = {"step": 0, "epoch": 0, "batch": 0}
     run_print = fingerprint(cfg, accelerator)
@@ -188,7 +209,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         position = {k: resumed[k] for k in position}
         scheduler.last_epoch = position["step"]  # the LR is a pure function of the update count
         scheduler.step(position["step"])
-        recipe.on_step(accelerator.unwrap_model(student), position["step"])  # switches follow the restored step
+        recipe.on_step(bare(), position["step"])  # switches follow the restored step
     if accelerator.is_main_process:  # prepare_run_folder created ``out``
         if resumed is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -209,7 +230,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     step = position["step"]
     meter = ThroughputMeter(sync=accelerator.device.type == "cuda")
     guard = DivergenceGuard(out / "state", check_gradients=cfg.train.mixed_precision != "fp16")
-    compute_dtype = ComputeDtypeProbe(accelerator.unwrap_model(student))  # what autocast really computed in
+    compute_dtype = ComputeDtypeProbe(bare())  # what autocast really computed in
     for epoch in range(position["epoch"], cfg.train.epochs):
         if step >= total_steps:
             break
@@ -228,9 +249,11 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         for batch_idx, batch in enumerate(bar, start=skip):
             if step >= total_steps:  # max_steps reached mid-epoch
                 break
+            in_hand = time.perf_counter()
             if cfg.train.channels_last:
                 batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
             losses = train_step(accelerator, student, task, optimizer, batch, cfg.optim.grad_clip, guard, step + 1)
+            meter.step_done(in_hand)
             meter.count(batch["label"].shape[0] * accelerator.num_processes)
             if cfg.train.record_samples:
                 seen[-1].extend(batch["index"].tolist())
@@ -240,7 +263,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             step += 1
             position.update(step=step, epoch=epoch, batch=batch_idx + 1)
             meter.update_done(step)
-            recipe.on_step(accelerator.unwrap_model(student), step)
+            recipe.on_step(bare(), step)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 # .item() is a sync point; only paid every log_every steps.
                 record = {k: v.item() for k, v in losses.items() if k != "logits"}
@@ -284,11 +307,16 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         **meter.summary(),
         # Collectives: every rank reports what it holds.
         "state_memory_per_rank": gather_object([state_memory(accelerator.unwrap_model(student), optimizer)]),
-        "teacher_param_bytes_per_rank": gather_object([param_bytes(teacher)]) if teacher is not None else None,
+        "teacher_param_bytes_per_rank": gather_object([param_bytes(teacher) if teacher is not None else 0])
+        if distill
+        else None,
     }
-    if teacher is not None:
+    if distill:
         summary["teacher"] = f"{teacher_spec.source}:{teacher_spec.name}"
-        summary["teacher_val_acc"] = evaluate(teacher, val_loader, accelerator)["acc"]
+        if cached:  # measured by the caching run, on the same validation images
+            summary["teacher_val_acc"] = cache.meta["teacher_val_acc"]
+        else:
+            summary["teacher_val_acc"] = evaluate(teacher, val_loader, accelerator)["acc"]
     if cfg.train.record_samples:
         ranks = out / "ranks"
         ranks.mkdir(parents=True, exist_ok=True)
@@ -299,10 +327,10 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             "dropout_mask_sha256": dropout_probe,
         }
         (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
-    recipe.convert(accelerator.unwrap_model(student))  # in place, on every rank, before the state is gathered
+    recipe.convert(bare())  # in place, on every rank, before the state is gathered
     spec.recipe = recipe.recipe()
-    save_final(
-        accelerator, student, spec, out, summary, extra={"data": dataclasses.asdict(cfg.data), "config": to_dict(cfg)}
-    )
+    extra = {"data": dataclasses.asdict(cfg.data), "config": to_dict(cfg)}
+    # The adapters of the task stay out of the checkpoint: it holds the student network only.
+    save_final(accelerator, student, spec, out, summary, extra=extra, prefix="student." if wrapped else "")
     accelerator.end_training()
     return summary

@@ -76,6 +76,10 @@ class ThroughputMeter:
     updates (allocator growth, thread pools, cuDNN autotuning). On a GPU each update's end waits for the device
     (``torch.cuda.synchronize``) before the clock is read, so queued kernels are not counted as done.
 
+    Besides images/s (which includes waiting for the data loader), it times the steps themselves: from a batch in
+    hand to its update done (forward, loss, backward, optimizer; the teacher's forward or the cache lookup when
+    distilling), so a step's cost can be compared between tasks even where the loader limits the images/s.
+
     Args:
         warm_steps: The update after which the steady-state clock starts.
         sync: Synchronise the CUDA device before reading the clock.
@@ -88,6 +92,16 @@ class ThroughputMeter:
         self.images = 0
         self._last = (self.start, 0)
         self._steady: tuple[float, int] | None = None
+        self._pending = 0.0  # step seconds of the update in progress (its micro-batches)
+        self._step_seconds = 0.0
+        self._step_updates = 0
+
+    def step_done(self, start: float) -> None:
+        """Adds the time since ``start`` (``time.perf_counter()`` when the micro-batch was in hand) to the update
+        in progress."""
+        if self.sync:
+            torch.cuda.synchronize()
+        self._pending += time.perf_counter() - start
 
     def count(self, images: int) -> None:
         """Adds ``images`` processed by all ranks together (micro-batch × processes)."""
@@ -100,9 +114,14 @@ class ThroughputMeter:
         self._last = (time.perf_counter(), self.images)
         if step == self.warm_steps:
             self._steady = self._last
+        elif self._steady is not None:
+            self._step_seconds += self._pending
+            self._step_updates += 1
+        self._pending = 0.0
 
     def summary(self) -> dict[str, Any]:
-        """``train_seconds``, ``train_images_per_second`` and ``steady_images_per_second`` (None if too short)."""
+        """``train_seconds``, ``train_images_per_second``, ``steady_images_per_second`` and ``steady_step_ms`` (the
+        last two None if too short)."""
         elapsed = time.perf_counter() - self.start
         steady = None
         if self._steady is not None and self._last[0] > self._steady[0]:
@@ -112,4 +131,6 @@ class ThroughputMeter:
             "train_images_per_second": round(self.images / elapsed, 1),
             # Training updates only (no evaluation, no checkpointing), from the warm-up update to the last.
             "steady_images_per_second": steady,
+            # The same updates' own compute, without the time spent waiting for batches.
+            "steady_step_ms": round(1e3 * self._step_seconds / self._step_updates, 2) if self._step_updates else None,
         }

@@ -16,7 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 def save_final(
-    accelerator, model: nn.Module, spec: ModelSpec, out: Path, summary: dict[str, Any], extra: dict[str, Any]
+    accelerator,
+    model: nn.Module,
+    spec: ModelSpec,
+    out: Path,
+    summary: dict[str, Any],
+    extra: dict[str, Any],
+    prefix: str = "",
 ) -> Path:
     """Writes ``out/checkpoint`` (atomically) and ``out/summary.json`` from the main process.
 
@@ -30,6 +36,8 @@ def save_final(
         out: The run folder.
         summary: The run summary, stored in the checkpoint and in ``summary.json``.
         extra: More JSON facts for the checkpoint (the data config, the resolved run config).
+        prefix: Save only the entries under this prefix, without it (``"student."``: the student of a
+            :class:`slimforge.train.task.StudentWithAdapters`, without the task's adapters).
 
     Returns:
         The checkpoint folder.
@@ -41,6 +49,8 @@ def save_final(
 
     final = out / "checkpoint"
     state = final_state_dict(accelerator, model)  # DeepSpeed: its FP32 masters
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     # Every rank learns rank 0's verdict, so none waits for the others.
     bad = from_rank0(accelerator, non_finite(state) if accelerator.is_main_process else [])
     if bad:

@@ -136,9 +136,9 @@ def train_step(
     Args:
         accelerator: The run's ``Accelerator``.
         model: The prepared (wrapped) student.
-        task: ``task(model, images, labels) -> {"loss", ...}`` (:mod:`slimforge.train.task`).
+        task: ``task(model, batch) -> {"loss", ...}`` (:mod:`slimforge.train.task`).
         optimizer: The prepared optimizer; Accelerate's wrapper skips ``step`` on accumulation micro-steps.
-        batch: ``{"pixel_values": [B, C, H, W], "label": [B], ...}``.
+        batch: ``{"pixel_values": [B, C, H, W], "label": [B], "index": [B], "epoch": [B], ...}``.
         grad_clip: Global gradient-norm limit, or None.
         guard: The run's divergence guard.
         step: The optimizer update this micro-batch belongs to (1-based).
@@ -151,7 +151,7 @@ def train_step(
     """
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            losses = task(model, batch["pixel_values"], batch["label"])
+            losses = task(model, batch)
         guard.observe(losses)
         accelerator.backward(losses["loss"])
         if accelerator.sync_gradients:

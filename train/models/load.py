@@ -20,6 +20,28 @@ from slimforge.train.models import (
 logger = logging.getLogger(__name__)
 
 
+def described_teacher(cfg: ModelConfig, class_names: list[str]) -> ModelSpec:
+    """The teacher checkpoint's recorded spec, without loading its weights (a cached teacher does not run), checked
+    against the dataset's class names.
+
+    Raises:
+        CheckpointError / ModelError: no readable checkpoint, or other classes.
+    """
+    from slimforge.train.checkpoint import read_meta, spec_from_meta
+
+    if cfg.checkpoint is None:
+        raise ModelError("a cached teacher needs teacher.checkpoint", "set teacher.checkpoint=<teacher run>/checkpoint")
+    spec = spec_from_meta(read_meta(cfg.checkpoint), f"teacher checkpoint {cfg.checkpoint}")
+    check_class_names(
+        spec.class_names,
+        class_names,
+        f"teacher checkpoint {cfg.checkpoint}",
+        ("checkpoint", "dataset"),
+        "use the dataset the teacher was trained on, with the same classes in the same order",
+    )
+    return spec
+
+
 def load_or_build(
     cfg: ModelConfig,
     role: str,
@@ -70,6 +92,10 @@ def load_or_build(
         f"classes are its subfolder names, sorted), or train {'a teacher' if role == 'teacher' else 'it'} on this data",
     )
     spec.class_names = spec.class_names or list(class_names)  # an older checkpoint's model records the data's
+    if role == "teacher":
+        # A teacher keeps the input it was trained on: the task converts each batch to it (slimforge.train.teacher).
+        check_input(model, spec)
+        return model.train(), spec
     if spec.in_chans != input_size[0]:
         raise ModelError(
             f"{role} checkpoint {cfg.checkpoint} takes {spec.in_chans}-channel images, data.in_chans is "
