@@ -255,18 +255,15 @@ class StructuredPrune(Method):
             F.kl_div(F.log_softmax(model(x), dim=-1), target, reduction="batchmean").backward()
         model.train(was_training)
 
-    def prepare(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+    def _prune_until(self, model, ctx, example, importance, images, target, max_steps=None):
+        """Prunes ``model`` in place step by step until its MACs are at most ``target`` (or ``max_steps`` steps).
+
+        Returns:
+            ``(model, steps taken, MACs before the last step, MACs after it)``.
+        """
         import torch_pruning as tp
 
         cfg = self.config
-        device = next(model.parameters()).device  # the bare model, where the engine built it (before any wrapper)
-        example = ctx.example_input.to(device)
-        original = copy.deepcopy(model)
-        before = count_macs(model, example.shape[1:])
-        importance = self._importance(ctx)
-        images = []
-        if cfg.importance == "taylor":
-            images = [b.to(device) for b in ctx.batches(cfg.calibration_images)]
         ignored = self._ignored(model)
         pruner = tp.pruner.MetaPruner(
             model,
@@ -280,15 +277,38 @@ class StructuredPrune(Method):
             round_to=cfg.round_to,
         )
         self._check_requested(model, pruner.DG, ignored)
-        target, after = cfg.macs * before, before
-        for _ in range(cfg.steps):
+        after = previous = count_macs(model, example.shape[1:])
+        taken = 0
+        for _ in range(cfg.steps if max_steps is None else max_steps):
             if images:
                 self._kd_gradients(model, ctx, images)
             pruner.step()
+            taken += 1
             previous, after = after, count_macs(model, example.shape[1:])
             if after <= target:
                 break
         model.zero_grad(set_to_none=True)
+        return model, taken, previous, after
+
+    def prepare(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        cfg = self.config
+        device = next(model.parameters()).device  # the bare model, where the engine built it (before any wrapper)
+        example = ctx.example_input.to(device)
+        original = copy.deepcopy(model)
+        before = count_macs(model, example.shape[1:])
+        importance = self._importance(ctx)
+        images = []
+        if cfg.importance == "taylor":
+            images = [b.to(device) for b in ctx.batches(cfg.calibration_images)]
+        target = cfg.macs * before
+        model, taken, previous, after = self._prune_until(model, ctx, example, importance, images, target)
+        if after < target * 0.97 and previous <= target * 1.03 and taken > 1:
+            # The last step jumped past the target (rounded counts move in coarse steps) but the one before was
+            # within 3% of it: redo the same deterministic steps on the unpruned copy and stop one earlier.
+            logger.info("prune: step %d went from %.1f%% to %.1f%% of the MACs; keeping step %d (%.1f%%)", taken,
+                        100 * previous / before, 100 * after / before, taken - 1, 100 * previous / before)  # fmt: skip
+            model, _, _, after = self._prune_until(copy.deepcopy(original), ctx, example, importance, images, target,
+                                                   max_steps=taken - 1)  # fmt: skip
         if after > target * 1.03:
             raise RecipeError(
                 f"prune reached {after / before:.1%} of the MACs, not the {cfg.macs:.0%} asked for: the layers it may "

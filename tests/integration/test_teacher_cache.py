@@ -77,6 +77,7 @@ def test_distilling_from_the_cache_trains_the_live_teachers_student(runs):
     live, cached = (json.loads((root / n / "summary.json").read_text()) for n in ("live", "cached"))
     assert live["steps"] == cached["steps"] > 0 and live["processes"] == cached["processes"] == 2
     diff = relative_difference(weights(root / "cached" / "checkpoint"), weights(root / "live" / "checkpoint"))
+    print(f"cached vs live teacher, {live['steps']} updates: student weights differ by {diff:.2e} (relative)")
     assert diff <= 1e-5, f"cached vs live teacher: student weights differ by {diff:.2e} (relative)"
     assert cached["teacher_param_bytes_per_rank"] == [0, 0] and live["teacher_param_bytes_per_rank"][0] > 0
     assert cached["teacher_val_acc"] == pytest.approx(live["teacher_val_acc"])
