@@ -149,10 +149,15 @@ def time_forward(runtime: Runtime, batch: np.ndarray, runs: int, warmup: int, mi
     Returns:
         ``[n]`` seconds, one per call (each call returns only once its result is ready), ``n >= runs``.
     """
+    return _timed_calls(runtime, _warm(runtime, batch, warmup), runs, min_time_s)
+
+
+def _warm(runtime: Runtime, batch: np.ndarray, warmup: int) -> Any:
+    """The runtime's native input for ``batch`` after ``warmup`` untimed calls on it."""
     inputs = runtime.prepare(np.ascontiguousarray(batch, dtype=np.float32))
     for _ in range(warmup):
         runtime.forward(inputs)
-    return _timed_calls(runtime, inputs, runs, min_time_s)
+    return inputs
 
 
 def _timed_calls(runtime: Runtime, inputs: Any, runs: int, min_time_s: float) -> np.ndarray:
@@ -167,9 +172,7 @@ def _timed_calls(runtime: Runtime, inputs: Any, runs: int, min_time_s: float) ->
 
 def latency_rounds(runtime: Runtime, image: np.ndarray, cfg: TimingConfig) -> list[np.ndarray]:
     """Batch-1 latency in ``cfg.rounds`` consecutive rounds after one warm-up: seconds per call, one array each."""
-    inputs = runtime.prepare(np.ascontiguousarray(image, dtype=np.float32))
-    for _ in range(cfg.warmup):
-        runtime.forward(inputs)
+    inputs = _warm(runtime, image, cfg.warmup)
     per_round = -(-cfg.runs // cfg.rounds)  # ceil: at least `runs` calls in all
     return [_timed_calls(runtime, inputs, per_round, cfg.min_round_s) for _ in range(cfg.rounds)]
 

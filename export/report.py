@@ -100,6 +100,11 @@ def unstable_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in report["rows"] if (r.get("latency_ms") or {}).get("stable") is False]
 
 
+def unstable_names(rows: list[dict[str, Any]]) -> str:
+    """``artifact [runtime] spread%`` of each row, comma-separated (Markdown and HTML name them alike)."""
+    return ", ".join(f"{r['artifact']} [{r['runtime']}] {r['latency_ms']['spread']:.0%}" for r in rows)
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The summary table shared by Markdown and HTML: ``(header, rows of cells)``."""
     header = [
@@ -210,7 +215,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     unstable = unstable_rows(report)
     if unstable:
         limit = report["settings"]["timing"].get("unstable_spread", 0.1)
-        names = ", ".join(f"{r['artifact']} [{r['runtime']}] {r['latency_ms']['spread']:.0%}" for r in unstable)
+        names = unstable_names(unstable)
         out += (
             f"\nUnstable (⚠, round medians more than {limit:.0%} apart): {names}. The machine changed speed during "
             "these rows: rerun the benchmark (more --rounds, a longer --min-round-s) before trusting their p50.\n"

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from slimforge.export.report import headline, over_peak_warning, peaks_line, table_rows, unstable_rows
+from slimforge.export.report import (
+    headline,
+    over_peak_warning,
+    peaks_line,
+    table_rows,
+    unstable_names,
+    unstable_rows,
+)
 from slimforge.train.errors import ExportError
 
 logger = logging.getLogger(__name__)
@@ -217,7 +224,7 @@ def html_report(report: dict[str, Any]) -> str:
         parts.append(f"<p class=note>{esc(over_peak_warning(over))}</p>")
     unstable = unstable_rows(report)
     if unstable:
-        names = ", ".join(f"{r['artifact']} [{r['runtime']}] {r['latency_ms']['spread']:.0%}" for r in unstable)
+        names = unstable_names(unstable)
         parts.append(
             f"<p class=note>Unstable (⚠): the machine changed speed during {esc(names)}; rerun before trusting "
             "their p50.</p>"
