@@ -86,6 +86,15 @@ def launch_args(launch_config: str, entry: str, config: str, *overrides: str, la
     ]
 
 
+def distill_here(config: str, *overrides: str) -> int:
+    """``train/distill.py``'s ``main`` in this process, returning its exit code: the single-process run that
+    ``configs/accelerate/single.yaml`` launches (the same weights, bit for bit), without the launcher's and the
+    imports' ~10 s. References and one-process checks use it; whatever runs on several processes is launched."""
+    from slimforge.train import distill
+
+    return distill.main(["--config", str(ROOT / config), *overrides])
+
+
 def tiny_data_config(**overrides):
     from slimforge.train.data import DataConfig
 

@@ -22,7 +22,7 @@ import torch
 from slimforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slimforge.train.data import describe
 from slimforge.train.models import ModelConfig, build_model
-from tests.conftest import ROOT, free_port, launch_args, run_cmd, tiny_data_config
+from tests.conftest import ROOT, distill_here, free_port, launch_args, run_cmd, tiny_data_config
 
 ENV = {"PYTHONPATH": str(ROOT)}  # the launched entries import tests.factories
 
@@ -69,16 +69,13 @@ def test_deepspeed_is_installed():
 
 def launch_equivalence_runs(out: Path, runs: dict[str, tuple[str, int]], *overrides: str) -> None:
     """``configs/debug/tiny_equivalence.yaml`` once per ``{name: (launch config, per-process batch)}``, into
-    ``out/<name>``; each must succeed."""
+    ``out/<name>``; each must succeed. ``single.yaml`` runs (the references) run in this process."""
     for name, (launch_config, batch) in runs.items():
-        proc = launch(
-            launch_config,
-            "train/distill.py",
-            "configs/debug/tiny_equivalence.yaml",
-            *overrides,
-            f"data.batch_size={batch}",
-            f"train.output_dir={out / name}",
-        )
+        args = (*overrides, f"data.batch_size={batch}", f"train.output_dir={out / name}")
+        if launch_config == "single.yaml":
+            assert distill_here("configs/debug/tiny_equivalence.yaml", *args) == 0, name
+            continue
+        proc = launch(launch_config, "train/distill.py", "configs/debug/tiny_equivalence.yaml", *args)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
 
 
@@ -290,19 +287,20 @@ def test_deepspeed_run_resumes_from_its_sharded_state(tmp_path, tiny_teacher, la
     assert relative_difference(weights(out / "checkpoint"), reference) < 1e-6
 
 
-def test_missing_rng_state_on_resume_is_an_error(tmp_path, tiny_teacher):
+def test_missing_rng_state_on_resume_is_an_error(tmp_path, tiny_teacher, capsys):
     """A state folder without a rank's RNG file is refused, not resumed with a warning."""
     out = tmp_path / "run"
-    common = ["train.checkpoint_every=2", "train.max_steps=4"]
-    proc = distill_tiny("single.yaml", tiny_teacher, out, *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = (f"teacher.checkpoint={tiny_teacher}", "teacher.allow_factory=true", f"train.output_dir={out}")
+    args += ("train.checkpoint_every=2", "train.max_steps=4")
+    assert distill_here("configs/debug/tiny_equivalence.yaml", *args) == 0
     states = sorted((out / "state").iterdir())
     assert states, "no resumable state was written"
     (states[-1] / "random_states_0.pkl").unlink()
     (out / "checkpoint").rename(out / "old_checkpoint")  # as if the run had died before finishing
-    proc = distill_tiny("single.yaml", tiny_teacher, out, *common)
-    assert proc.returncode != 0  # the entry exits 2; `accelerate launch` reports any failure as 1
-    assert "is missing random_states_0.pkl" in proc.stderr and "fix: " in proc.stderr
+    capsys.readouterr()
+    assert distill_here("configs/debug/tiny_equivalence.yaml", *args) == 2
+    err = capsys.readouterr().err
+    assert "is missing random_states_0.pkl" in err and "fix: " in err
 
 
 def launch_two_nodes(teacher: Path, outs: tuple[Path, Path]) -> list[subprocess.CompletedProcess]:
@@ -374,21 +372,26 @@ def test_deepspeed_clips_exactly_as_the_run_config_says(tmp_path, tiny_teacher, 
     would otherwise have DeepSpeed clip at 1.0; the unclipped runs are the equivalence test's); with
     optim.grad_clip=0.5 all three clip identically."""
     weights_of = {}
-    for launch_config in ("ddp.yaml", "zero2.yaml", "zero3.yaml"):
+    for launch_config in ("single.yaml", "zero2.yaml", "zero3.yaml"):
         unclipped = unclipped_runs / launch_config.removesuffix(".yaml")
         assert json.loads((unclipped / "summary.json").read_text())["topology"]["grad_clip"] is None
         weights_of[launch_config, "null"] = weights(unclipped / "checkpoint")
         out = tmp_path / launch_config
-        proc = distill_tiny(launch_config, tiny_teacher, out, "data.batch_size=16", "optim.grad_clip=0.5",
-                            *PRUNED_STUDENT)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        args = ("optim.grad_clip=0.5", *PRUNED_STUDENT)
+        if launch_config == "single.yaml":  # the reference, at the same global batch (DDP equals it: above)
+            teacher = (f"teacher.checkpoint={tiny_teacher}", "teacher.allow_factory=true", f"train.output_dir={out}")
+            assert distill_here("configs/debug/tiny_equivalence.yaml", *teacher, *args) == 0
+        else:
+            proc = distill_tiny(launch_config, tiny_teacher, out, "data.batch_size=16", *args)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads((out / "summary.json").read_text())["topology"]["grad_clip"] == 0.5
         weights_of[launch_config, "0.5"] = weights(out / "checkpoint")
-    norms = [r["grad_norm"] for r in train_records(unclipped_runs / "ddp")]
-    assert max(norms) > 1.0, norms  # the unclipped norm exceeds DeepSpeed's old default of 1.0
+    for run in ("single", "ddp"):
+        norms = [r["grad_norm"] for r in train_records(unclipped_runs / run)]
+        assert max(norms) > 1.0, (run, norms)  # the unclipped norm exceeds DeepSpeed's old default of 1.0
     for clip in ("null", "0.5"):
         for launch_config in ("zero2.yaml", "zero3.yaml"):
-            diff = relative_difference(weights_of[launch_config, clip], weights_of["ddp.yaml", clip])
-            assert diff <= 1e-5, f"{launch_config} with optim.grad_clip={clip} differs from DDP by {diff:.2e}"
+            diff = relative_difference(weights_of[launch_config, clip], weights_of["single.yaml", clip])
+            assert diff <= 1e-5, f"{launch_config} with optim.grad_clip={clip} differs from one process by {diff:.2e}"
     # Control: clipping at 0.5 really changed the training.
-    assert relative_difference(weights_of["ddp.yaml", "0.5"], weights_of["ddp.yaml", "null"]) > 1e-3
+    assert relative_difference(weights_of["single.yaml", "0.5"], weights_of["single.yaml", "null"]) > 1e-3

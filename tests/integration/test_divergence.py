@@ -13,29 +13,28 @@ import torch
 from slimforge.export.export import main as export_main
 from slimforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slimforge.train.errors import CheckpointError
-from tests.conftest import make_checkpoint
+from tests.conftest import distill_here, make_checkpoint
 from tests.integration.test_distributed import distill_tiny, tiny_teacher  # noqa: F401  (fixture)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launch_config", ["single.yaml", "ddp.yaml", "zero2.yaml"])
-def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, tiny_teacher, launch_config):  # noqa: F811
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, tiny_teacher, launch_config, capsys):  # noqa: F811
     out = tmp_path / "run"
-    proc = distill_tiny(
-        launch_config,
-        tiny_teacher,
-        out,
-        f"data.batch_size={32 if launch_config == 'single.yaml' else 16}",
-        "optim.lr=1e6",
-        "train.log_every=1",
-        "train.max_steps=40",
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    assert proc.stderr.count("error: training diverged at optimizer update") == 1, proc.stderr[-3000:]
-    assert "fix: lower optim.lr" in proc.stderr and "no checkpoint was written" in proc.stderr
+    args = ("optim.lr=1e6", "train.log_every=1", "train.max_steps=40")
+    if launch_config == "single.yaml":  # one process: in this one
+        teacher = (f"teacher.checkpoint={tiny_teacher}", "teacher.allow_factory=true", f"train.output_dir={out}")
+        capsys.readouterr()
+        assert distill_here("configs/debug/tiny_equivalence.yaml", *teacher, "data.batch_size=32", *args) == 2
+        err = capsys.readouterr().err
+    else:
+        proc = distill_tiny(launch_config, tiny_teacher, out, "data.batch_size=16", *args, timeout=300)
+        assert proc.returncode != 0
+        err = proc.stderr
+    assert err.count("error: training diverged at optimizer update") == 1, err[-3000:]
+    assert "fix: lower optim.lr" in err and "no checkpoint was written" in err
     assert not (out / "checkpoint").exists() and not (out / "summary.json").exists()
-    stopped = int(proc.stderr.split("diverged at optimizer update ")[1].split(":")[0])
+    stopped = int(err.split("diverged at optimizer update ")[1].split(":")[0])
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in logged if r["split"] == "train"]
     # Every logged update was finite, and the run stopped at the very next one: the first non-finite loss.

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from slimforge.train.engine.outputs import cuda_unusable_reason
-from tests.conftest import GPU_NODE, launch_args, run_cmd
-from tests.integration.test_distributed import ENV, launch, tiny_teacher, train_losses  # noqa: F401 (fixture)
+from tests.conftest import GPU_NODE, distill_here, launch_args, run_cmd
+from tests.integration.test_distributed import ENV, tiny_teacher, train_losses  # noqa: F401 (fixture)
 
 CONFIG = "configs/debug/tiny_equivalence.yaml"
 
@@ -28,9 +28,9 @@ def crash_after_last_state(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_changed_run_is_refused_and_a_fresh_start_clears_the_old_states(tmp_path, tiny_teacher):  # noqa: F811
-    """One process: the check is the run config's, whatever the topology (a 2-process refusal printed once is
-    tests/integration/test_cli_errors.py's)."""
+def test_a_changed_run_is_refused_and_a_fresh_start_clears_the_old_states(tmp_path, tiny_teacher, capsys):  # noqa: F811
+    """One process, in this one: the check is the run config's, whatever the topology (a 2-process refusal printed
+    once is tests/integration/test_cli_errors.py's)."""
     out = tmp_path / "run"
     base = [
         f"teacher.checkpoint={tiny_teacher}",
@@ -41,28 +41,27 @@ def test_a_changed_run_is_refused_and_a_fresh_start_clears_the_old_states(tmp_pa
         "train.log_every=1",
         f"train.output_dir={out}",
     ]
-    proc = launch("single.yaml", "train/distill.py", CONFIG, *base)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert distill_here(CONFIG, *base) == 0
     crash_after_last_state(out)
     saved = states(out)
     assert list(saved) == ["step_00000002", "step_00000004"]
     assert saved["step_00000004"]["fingerprint"]["data.batch_size"] == 16
 
     # Another batch size and LR against those states: refused by name, states untouched, nothing trained.
-    proc = launch("single.yaml", "train/distill.py", CONFIG, *base, "data.batch_size=8", "optim.lr=0.02")
-    assert proc.returncode != 0
-    assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
+    capsys.readouterr()
+    assert distill_here(CONFIG, *base, "data.batch_size=8", "optim.lr=0.02") == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1, err[-3000:]
     changed = "is the state of a different run: since it was saved, data.batch_size: 16 -> 8; optim.lr: 0.01 -> 0.02"
-    assert changed in proc.stderr
+    assert changed in err
     fresh_start = "or start afresh with train.resume=false (or train.overwrite=true), which deletes the old states"
-    assert fresh_start in proc.stderr
+    assert fresh_start in err
     assert states(out) == saved and not (out / "checkpoint").exists()
 
     # (Fields that change neither the numerics nor the schedule may change: tests/unit/train/test_state.py.)
 
     # The fresh-start flag: old states deleted, training from update 1 with the new settings.
-    proc = launch("single.yaml", "train/distill.py", CONFIG, *base, "data.batch_size=8", "train.resume=false")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert distill_here(CONFIG, *base, "data.batch_size=8", "train.resume=false") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_step"] is None and summary["global_batch"] == 8
     assert min(train_losses(out)) == 1 and max(train_losses(out)) == 4

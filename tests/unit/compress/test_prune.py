@@ -83,6 +83,26 @@ def test_a_step_that_jumps_past_the_target_is_refused_with_the_fix():
     assert "global_ranking: true" in e.value.fix and "round_to: null" in e.value.fix
 
 
+def test_a_step_past_the_target_falls_back_to_the_step_before_when_that_one_is_within_tolerance():
+    """The same coarse steps (about 58% of the MACs, then 44%), asked for 56.5%: the jump lands 22% under the target,
+    the step before 2.5% over it, within the ±3% accepted, so that one is kept, redone on the unpruned copy."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    x = torch.randn(2, 1, 32, 32)
+    before = count_macs(model, x.shape[1:])
+    (step,) = build_methods([{"method": "prune", "macs": 0.565, "round_to": 8}])
+    pruned = step.prepare(model, CompressionContext(example_input=x[:1])).eval()
+
+    kept = count_macs(pruned, x.shape[1:]) / before
+    assert 0.565 < kept <= 0.565 * 1.03, f"{kept:.3f} of the MACs"  # over the target: the step before the jump
+    assert step.record["macs_after"] / before == kept
+    record = json.loads(json.dumps(step.step_record()))  # the record describes the kept step, not the jump
+    fresh = rebuild(timm.create_model("resnet10t", num_classes=10, in_chans=1), [record], from_dict)
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned(x))
+
+
 def test_an_unreachable_target_is_refused_with_the_fix():
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=10, in_chans=1)

@@ -50,13 +50,14 @@ def predict(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_a_64px_imagenet_normalised_teacher_is_as_accurate_inside_a_32px_task(tmp_path):
     rgb64 = dict(image_size=64, in_chans=3, mean=IMAGENET[0], std=IMAGENET[1])
-    teacher_data = tiny_data_config(**rgb64, max_train_samples=1024, batch_size=32, augment=False, max_val_samples=400)
-    ckpt = train_checkpoint(tmp_path / "teacher64", steps=150, data=teacher_data)
+    # timm's test_resnet (half resnet10t's training time at 64 px), judged on the whole held-out split.
+    teacher_data = tiny_data_config(**rgb64, max_train_samples=1024, batch_size=32, augment=False, max_val_samples=1000)
+    ckpt = train_checkpoint(tmp_path / "teacher64", "test_resnet", steps=150, data=teacher_data)
     own, labels = predict(
         load_checkpoint(ckpt)[0].eval(), build_loader(load_splits(teacher_data).val, teacher_data, False)
     )
 
-    student_data = tiny_data_config(image_size=32, in_chans=1, max_val_samples=400)  # MNIST's own statistics
+    student_data = tiny_data_config(image_size=32, in_chans=1, max_val_samples=1000)  # MNIST's own statistics
     splits, info = load_splits(student_data), describe(student_data)
     teacher, spec = load_or_build(ModelConfig(checkpoint=str(ckpt)), "teacher", 10, info["input_size"], info,
                                   splits.class_names)  # fmt: skip
@@ -73,6 +74,6 @@ def test_a_64px_imagenet_normalised_teacher_is_as_accurate_inside_a_32px_task(tm
     agree = float((in_task == own).float().mean())
     print(f"teacher at 64 px: own pipeline {acc['own']:.4f}, inside the 32-px task {acc['task']:.4f} (agreement "
           f"{agree:.4f}), without its normalisation {acc['naive']:.4f}")  # fmt: skip
-    # The same 400 digits: 28 → 64 px in its own pipeline, 28 → 32 → 64 px inside the task.
+    # The same 1,000 digits: 28 → 64 px in its own pipeline, 28 → 32 → 64 px inside the task.
     assert torch.equal(task_labels, labels) and acc["own"] > 0.8
     assert agree >= 0.97 and abs(acc["task"] - acc["own"]) <= 0.02, acc
