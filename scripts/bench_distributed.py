@@ -4,7 +4,9 @@
     .venv/bin/python scripts/bench_distributed.py --strategies ddp zero3 --steps 40 --batch 32
 
 Each row is a real `accelerate launch` of train/train.py and train/distill.py (student timm resnet10t, teacher
-a random-init timm resnet18 checkpoint, embedded MNIST-5k at 32×32, the same per-rank micro-batch), and reads
+a random-init timm checkpoint, resnet18 unless --teacher names another, embedded MNIST-5k at 32×32, the same
+per-rank micro-batch, --workers loader processes per rank: 0 loads in the training process between steps, so on a
+machine with as many cores as ranks no loader competes with the step being timed), and reads
 the run's summary.json: steady-state training images/s (3rd update to last, no evaluation) and the bytes of
 parameters + optimizer state each rank holds (train/memory.py), and the teacher parameter bytes each rank holds
 (the `+sharded-teacher` rows use train.teacher_placement=sharded; `+cached-teacher` first runs
@@ -77,7 +79,7 @@ def unavailable(name: str) -> str | None:
     return None
 
 
-def make_teacher(folder: Path) -> Path:
+def make_teacher(folder: Path, name: str = "resnet18") -> Path:
     import torch
 
     from slimforge.train.checkpoint import save_checkpoint
@@ -87,7 +89,7 @@ def make_teacher(folder: Path) -> Path:
     data = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32)
     info = describe(data)
     torch.manual_seed(0)
-    model, spec = build_model(ModelConfig(name="resnet18"), 10, info["input_size"], info)
+    model, spec = build_model(ModelConfig(name=name), 10, info["input_size"], info)
     return save_checkpoint(model.state_dict(), spec, folder / "teacher", extra={"data": dataclasses.asdict(data)})
 
 
@@ -111,7 +113,7 @@ def run(name: str, entry: str, teacher: Path, out: Path, args, more: tuple[str, 
         "data.max_train_samples=null",
         "data.max_val_samples=64",
         f"data.batch_size={args.batch}",
-        "data.num_workers=1",
+        f"data.num_workers={args.workers}",
         f"train.max_steps={args.steps}",
         "train.epochs=1",  # one epoch holds more than --steps updates of the 5,000 digits (the cache holds one)
         "train.tensorboard=false",
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="optimizer updates per run (%(default)s)")
     parser.add_argument("--batch", type=int, default=32, help="per-rank micro-batch (%(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating supervised/distill pairs (%(default)s)")
+    parser.add_argument("--teacher", default="resnet18", help="timm architecture of the teacher (%(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (%(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument(
         "--threads-check", action="store_true", help="demo teacher stage: images/s at 1 thread vs the default"
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = make_teacher(Path(tmp))
+        teacher = make_teacher(Path(tmp), args.teacher)
         for name in args.strategies:
             reason = unavailable(name)
             row = {"strategy": name, "processes": STRATEGIES[name][1], "skipped": reason}
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mb = 1024 * 1024
     base = next((r for r in rows if r["strategy"] == "single" and not r["skipped"]), None)
-    print(f"\nTraining throughput, per-rank micro-batch {args.batch}, {args.steps} updates (images/s, all ranks)\n")
+    print(f"\nTraining throughput, per-rank micro-batch {args.batch}, {args.steps} updates, teacher {args.teacher}, "
+          f"{args.workers} loader worker(s) per rank (images/s, all ranks)\n")  # fmt: skip
     print(f"(medians of {args.repeats} alternating supervised/distillation pairs; step: a batch in hand to its update")
     print("done, without waiting for the loader)\n")
     print("| strategy | processes | supervised img/s | distillation img/s | supervised step ms | distillation step "

@@ -72,8 +72,12 @@ def test_a_64px_imagenet_normalised_teacher_is_as_accurate_inside_a_32px_task(tm
     naive, _ = predict(AdaptedTeacher(teacher.eval(), stats), loader)
     acc = {k: float((p == labels).float().mean()) for k, p in (("own", own), ("task", in_task), ("naive", naive))}
     agree = float((in_task == own).float().mean())
+    # The digits where the two disagree on being right (McNemar's discordant pairs): one way and the other.
+    lost = int(((own == labels) & (in_task != labels)).sum())
+    gained = int(((own != labels) & (in_task == labels)).sum())
     print(f"teacher at 64 px: own pipeline {acc['own']:.4f}, inside the 32-px task {acc['task']:.4f} (agreement "
-          f"{agree:.4f}), without its normalisation {acc['naive']:.4f}")  # fmt: skip
+          f"{agree:.4f}; right only in its own pipeline {lost}, only inside the task {gained}), without its "
+          f"normalisation {acc['naive']:.4f}")  # fmt: skip
     # The same 1,000 digits: 28 → 64 px in its own pipeline, 28 → 32 → 64 px inside the task.
     assert torch.equal(task_labels, labels) and acc["own"] > 0.8
     assert agree >= 0.97 and abs(acc["task"] - acc["own"]) <= 0.02, acc
