@@ -1,5 +1,6 @@
 """A task with trainable parts under a real 2-process DDP launch: FitNets hint projectors are trained and kept in
-sync with the student, saved in the resumable states and resumed with it, and left out of the checkpoint."""
+sync with the student, saved in the resumable states and resumed with it, and left out of the checkpoint; with the
+teacher sharded across the ranks they train the same student."""
 
 from __future__ import annotations
 
@@ -59,3 +60,13 @@ def test_hint_adapters_train_sync_resume_with_the_student_and_stay_out_of_the_ch
     for step in range(9, 17):  # the hint term depends on the projector: equal losses need it resumed exactly
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), f"step {step}"
     assert relative_difference(weights(resumed / "checkpoint"), student) < 1e-6
+
+    # The teacher sharded across the ranks (FSDP2): the hook reads the layer's output after its all-gather, so the
+    # hint losses and the student are the replicated teacher's, while each rank holds half of the teacher.
+    sharded = tmp_path / "sharded"
+    proc = distill_tiny("ddp.yaml", tiny_teacher, sharded, *HINT, "train.teacher_placement=sharded")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads((sharded / "summary.json").read_text())["teacher_param_bytes_per_rank"]
+    assert held == [summary["teacher_param_bytes_per_rank"][0] // 2] * 2
+    assert train_losses(sharded) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert relative_difference(weights(sharded / "checkpoint"), student) < 1e-6
