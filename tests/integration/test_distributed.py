@@ -368,9 +368,9 @@ def train_records(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_deepspeed_clips_exactly_as_the_run_config_says(tmp_path, tiny_teacher, unclipped_runs):
-    """A student whose gradient norm exceeds 1: without optim.grad_clip, ZeRO-2/3 train as DDP does (Accelerate
-    would otherwise have DeepSpeed clip at 1.0; the unclipped runs are the equivalence test's); with
-    optim.grad_clip=0.5 all three clip identically."""
+    """A student whose gradient norm exceeds 1: without optim.grad_clip, ZeRO-2/3 train as one process (and DDP)
+    does (Accelerate would otherwise have DeepSpeed clip at 1.0; the unclipped runs are the equivalence test's);
+    with optim.grad_clip=0.5 they clip exactly as one process does at the same global batch."""
     weights_of = {}
     for launch_config in ("single.yaml", "zero2.yaml", "zero3.yaml"):
         unclipped = unclipped_runs / launch_config.removesuffix(".yaml")
