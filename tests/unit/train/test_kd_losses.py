@@ -148,6 +148,17 @@ def leaf(x: torch.Tensor) -> torch.Tensor:
     return x.clone().requires_grad_(True)
 
 
+def assert_matches_reference(loss, x: torch.Tensor, ref) -> None:
+    """``loss(x)`` (a float64 scalar) and its gradient in ``x`` against ``ref(x as NumPy)`` and its central finite
+    differences."""
+    xl = leaf(x)
+    got = loss(xl)
+    got.backward()
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(ref(x.numpy()), rel=VALUE_RTOL)
+    assert_grad_close(xl.grad, fd_grad(ref, x.numpy()))
+
+
 # ---------------------------------------------------------------------------------------------- standardize
 
 
@@ -313,14 +324,11 @@ def test_topk_value_and_gradient_match_bucket_reference(seed, k, with_lse):
     zs, zt = randn(seed, B, N), randn(seed + 1, B, N)
     values, indices = torch.topk(zt, k=k, dim=1)
     lse = full_lse(zt, t) if with_lse else None
-    zl = leaf(zs)
-    got = topk_kd_loss(zl, values, indices, t, teacher_lse=lse)
-    got.backward()
     vn, in_ = values.numpy(), indices.numpy()
     ln = None if lse is None else lse.numpy()
-    assert got.dtype == torch.float64
-    assert got.item() == pytest.approx(ref_topk(zs.numpy(), vn, in_, t, ln), rel=VALUE_RTOL)
-    assert_grad_close(zl.grad, fd_grad(lambda x: ref_topk(x, vn, in_, t, ln), zs.numpy()))
+    assert_matches_reference(
+        lambda x: topk_kd_loss(x, values, indices, t, teacher_lse=lse), zs, lambda x: ref_topk(x, vn, in_, t, ln)
+    )
 
 
 def test_topk_without_lse_is_kd_against_the_renormalised_teacher_with_an_empty_rest():
@@ -418,13 +426,8 @@ def test_topk_zero_rest_contributes_exactly_zero():
 def test_hint_loss_value_and_gradient_match_reference(s_shape, t_shape, seed):
     s = randn(seed, *s_shape, scale=1.0)
     te = randn(seed + 1, *t_shape, scale=1.0)
-    sl = leaf(s)
-    got = hint_loss(sl, te)
-    got.backward()
     tn = te.numpy()
-    assert got.dtype == torch.float64
-    assert got.item() == pytest.approx(ref_hint(s.numpy(), tn), rel=VALUE_RTOL)
-    assert_grad_close(sl.grad, fd_grad(lambda x: ref_hint(x, tn), s.numpy()))
+    assert_matches_reference(lambda x: hint_loss(x, te), s, lambda x: ref_hint(x, tn))
 
 
 def test_hint_loss_pools_the_larger_student_map_to_the_teacher_size():
@@ -490,13 +493,8 @@ def soft_targets(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_soft_target_cross_entropy_value_and_gradient_match_reference(seed):
     z, y = randn(seed, B, N), soft_targets(seed)
-    zl = leaf(z)
-    got = soft_target_cross_entropy(zl, y)
-    got.backward()
     yn = y.numpy()
-    assert got.dtype == torch.float64
-    assert got.item() == pytest.approx(ref_soft_ce(z.numpy(), yn), rel=VALUE_RTOL)
-    assert_grad_close(zl.grad, fd_grad(lambda x: ref_soft_ce(x, yn), z.numpy()))
+    assert_matches_reference(lambda x: soft_target_cross_entropy(x, y), z, lambda x: ref_soft_ce(x, yn))
 
 
 def test_soft_target_cross_entropy_matches_timm_in_float32():
