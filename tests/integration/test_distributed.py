@@ -31,14 +31,23 @@ def launch(config_file: str, entry: str, config: str, *overrides: str, timeout: 
     return run_cmd(launch_args(config_file, entry, config, *overrides), timeout=timeout, env=ENV)
 
 
+def _tiny(teacher: Path, out: Path) -> tuple[str, ...]:
+    """The overrides that distil from the factory-built ``teacher`` into ``out``."""
+    return f"teacher.checkpoint={teacher}", "teacher.allow_factory=true", f"train.output_dir={out}"
+
+
 def distill_tiny(launch_config: str, teacher: Path, out: Path, *overrides: str, timeout: int = 600):
     """``train/distill.py`` with ``configs/debug/tiny_equivalence.yaml``, from the factory-built ``teacher`` into
     ``out``."""
-    teacher_args = (f"teacher.checkpoint={teacher}", "teacher.allow_factory=true", f"train.output_dir={out}")
     return launch(
-        launch_config, "train/distill.py", "configs/debug/tiny_equivalence.yaml", *teacher_args, *overrides,
+        launch_config, "train/distill.py", "configs/debug/tiny_equivalence.yaml", *_tiny(teacher, out), *overrides,
         timeout=timeout,
     )  # fmt: skip
+
+
+def distill_tiny_here(teacher: Path, out: Path, *overrides: str) -> int:
+    """:func:`distill_tiny` on one process, this one (:func:`tests.conftest.distill_here`): its exit code."""
+    return distill_here("configs/debug/tiny_equivalence.yaml", *_tiny(teacher, out), *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -290,15 +299,14 @@ def test_deepspeed_run_resumes_from_its_sharded_state(tmp_path, tiny_teacher, la
 def test_missing_rng_state_on_resume_is_an_error(tmp_path, tiny_teacher, capsys):
     """A state folder without a rank's RNG file is refused, not resumed with a warning."""
     out = tmp_path / "run"
-    args = (f"teacher.checkpoint={tiny_teacher}", "teacher.allow_factory=true", f"train.output_dir={out}")
-    args += ("train.checkpoint_every=2", "train.max_steps=4")
-    assert distill_here("configs/debug/tiny_equivalence.yaml", *args) == 0
+    args = ("train.checkpoint_every=2", "train.max_steps=4")
+    assert distill_tiny_here(tiny_teacher, out, *args) == 0
     states = sorted((out / "state").iterdir())
     assert states, "no resumable state was written"
     (states[-1] / "random_states_0.pkl").unlink()
     (out / "checkpoint").rename(out / "old_checkpoint")  # as if the run had died before finishing
     capsys.readouterr()
-    assert distill_here("configs/debug/tiny_equivalence.yaml", *args) == 2
+    assert distill_tiny_here(tiny_teacher, out, *args) == 2
     err = capsys.readouterr().err
     assert "is missing random_states_0.pkl" in err and "fix: " in err
 
@@ -379,8 +387,7 @@ def test_deepspeed_clips_exactly_as_the_run_config_says(tmp_path, tiny_teacher, 
         out = tmp_path / launch_config
         args = ("optim.grad_clip=0.5", *PRUNED_STUDENT)
         if launch_config == "single.yaml":  # the reference, at the same global batch (DDP equals it: above)
-            teacher = (f"teacher.checkpoint={tiny_teacher}", "teacher.allow_factory=true", f"train.output_dir={out}")
-            assert distill_here("configs/debug/tiny_equivalence.yaml", *teacher, *args) == 0
+            assert distill_tiny_here(tiny_teacher, out, *args) == 0
         else:
             proc = distill_tiny(launch_config, tiny_teacher, out, "data.batch_size=16", *args)
             assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,8 +13,8 @@ import torch
 from slimforge.export.export import main as export_main
 from slimforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slimforge.train.errors import CheckpointError
-from tests.conftest import distill_here, make_checkpoint
-from tests.integration.test_distributed import distill_tiny, tiny_teacher  # noqa: F401  (fixture)
+from tests.conftest import make_checkpoint
+from tests.integration.test_distributed import distill_tiny, distill_tiny_here, tiny_teacher  # noqa: F401  (fixture)
 
 
 @pytest.mark.slow
@@ -23,9 +23,8 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, tiny_teach
     out = tmp_path / "run"
     args = ("optim.lr=1e6", "train.log_every=1", "train.max_steps=40")
     if launch_config == "single.yaml":  # one process: in this one
-        teacher = (f"teacher.checkpoint={tiny_teacher}", "teacher.allow_factory=true", f"train.output_dir={out}")
         capsys.readouterr()
-        assert distill_here("configs/debug/tiny_equivalence.yaml", *teacher, "data.batch_size=32", *args) == 2
+        assert distill_tiny_here(tiny_teacher, out, "data.batch_size=32", *args) == 2
         err = capsys.readouterr().err
     else:
         proc = distill_tiny(launch_config, tiny_teacher, out, "data.batch_size=16", *args, timeout=300)
