@@ -106,19 +106,24 @@ UNCLIPPED = {
 }
 
 
+def unclipped_args(teacher: Path) -> tuple[str, ...]:
+    """The overrides of every :data:`UNCLIPPED` run (each adds its batch size and output folder). A resumable state
+    is written after update 3 of 6, from which the resume test continues the ZeRO runs."""
+    return (
+        f"teacher.checkpoint={teacher}",
+        "teacher.allow_factory=true",
+        "train.record_samples=true",
+        "train.collective_timeout_s=321",
+        "train.checkpoint_every=3",
+        *PRUNED_STUDENT,
+    )
+
+
 @pytest.fixture(scope="module")
 def unclipped_runs(tmp_path_factory, tiny_teacher) -> Path:
     """The pruned student distilled once per :data:`UNCLIPPED` launch, without gradient clipping."""
     out = tmp_path_factory.mktemp("unclipped")
-    launch_equivalence_runs(
-        out,
-        UNCLIPPED,
-        f"teacher.checkpoint={tiny_teacher}",
-        "teacher.allow_factory=true",
-        "train.record_samples=true",
-        "train.collective_timeout_s=321",
-        *PRUNED_STUDENT,
-    )
+    launch_equivalence_runs(out, UNCLIPPED, *unclipped_args(tiny_teacher))
     return out
 
 
@@ -225,7 +230,7 @@ SPARSE_QAT = (
 def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teacher, recipe):
     """Killed after the state of update 4 (after a sparsity mask update, with QAT observers frozen at update 3),
     relaunched with the same command: the resumed updates give the uninterrupted run's losses, and its weights,
-    zeros and scales. (A plain run is the subset without masks and observers; the ZeRO resume tests below run one.)"""
+    zeros and scales. (A run without masks and observers is the subset the ZeRO resume tests below run.)"""
     config = "configs/debug/tiny_distill.yaml"
     overrides = [
         *recipe,
@@ -270,30 +275,24 @@ def test_sigkilled_run_resumes_onto_the_uninterrupted_losses(tmp_path, tiny_teac
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch_config", ["zero2.yaml", "zero3.yaml"])
-def test_deepspeed_run_resumes_from_its_sharded_state(tmp_path, tiny_teacher, launch_config):
-    """A ZeRO run that died after the state of update 4 continues, from DeepSpeed's sharded model and optimizer
-    files and every rank's RNG, onto the uninterrupted run's losses and final weights."""
-    out = tmp_path / "run"
-    common = ["data.batch_size=16", "data.augment=true", "train.max_steps=8", "train.log_every=1"]
-    common += ["train.checkpoint_every=4"]
-    proc = distill_tiny(launch_config, tiny_teacher, out, *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    expected, reference = train_losses(out), weights(out / "checkpoint")
-    state = out / "state" / "step_00000004"
-    assert any(state.glob("pytorch_model*/*optim_states.pt")), "DeepSpeed's sharded optimizer state"
-    # As if the run had died between the state of update 4 and the end.
-    shutil.rmtree(out / "checkpoint")
-    shutil.rmtree(out / "state" / "step_00000008")
-    (out / "summary.json").unlink()
-
-    proc = distill_tiny(launch_config, tiny_teacher, out, *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 4
-    got = train_losses(out)  # the resumed updates 5..8 were appended to metrics.jsonl, the later values win
-    for step in range(5, 9):
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_deepspeed_run_resumes_from_its_sharded_state(tmp_path, tiny_teacher, unclipped_runs, name):
+    """A ZeRO run of the equivalence test (a pruned student) that died after the state of update 3 continues, from
+    DeepSpeed's sharded model and optimizer files and every rank's RNG, onto the uninterrupted run's losses and
+    final weights."""
+    full, out = unclipped_runs / name, tmp_path / "run"
+    assert any((full / "state" / "step_00000003").glob("pytorch_model*/*optim_states.pt")), "DeepSpeed's shards"
+    # As if the run had died between the state of update 3 and the end: its outputs up to there.
+    shutil.copytree(full, out, ignore=shutil.ignore_patterns("checkpoint", "summary.json", "step_00000006", "ranks"))
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(f"{r}\n" for r in logged if json.loads(r)["step"] <= 3))
+    launch_equivalence_runs(tmp_path, {"run": UNCLIPPED[name]}, *unclipped_args(tiny_teacher))
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 3
+    expected, got = train_losses(full), train_losses(out)
+    assert sorted(got) == sorted(expected)  # updates 4..6 were logged by the resumed run
+    for step in range(4, 7):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), f"update {step}"
-    assert relative_difference(weights(out / "checkpoint"), reference) < 1e-6
+    assert relative_difference(weights(out / "checkpoint"), weights(full / "checkpoint")) < 1e-6
 
 
 def test_missing_rng_state_on_resume_is_an_error(tmp_path, tiny_teacher, capsys):
