@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="benchmark runs, each followed by the independent loops")
     p.add_argument("--loop-seconds", type=float, default=2.0, help="minimum duration of an independent loop, as "
                    "the benchmark's default rows (5 rounds of at least 0.4 s)")  # fmt: skip
+    p.add_argument("--drift", type=float, metavar="SECONDS", help="only measure how far this machine drifts: one "
+                   "bare ORT loop this long, and how often two windows 1 s apart differ by the tolerance")  # fmt: skip
     p.add_argument("--no-control", dest="control", action="store_false", help="skip the control loop")
     p.add_argument("--loop", choices=["torch-eager", "ort-cpu"], help=argparse.SUPPRESS)  # one independent loop
     p.add_argument("--image", help=argparse.SUPPRESS)  # the loop's input, a .npy the parent wrote
@@ -82,28 +84,62 @@ def eager_median_ms(checkpoint: str, image, threads: int, runs: int, seconds: fl
     return timer.blocked_autorange(min_run_time=max(runs * once, seconds)).median * 1e3
 
 
-def ort_median_ms(onnx_path: str, image, threads: int, runs: int, seconds: float) -> float:
-    """A bare ``session.run`` loop: the median of at least ``runs`` single-image calls lasting ``seconds``, in ms."""
+def ort_calls(onnx_path: str, image, threads: int, runs: int, seconds: float) -> tuple[list[float], list[float]]:
+    """A bare ``session.run`` loop of at least ``runs`` single-image calls lasting ``seconds``: each call's start
+    (seconds from the first) and duration (ms).
+
+    Only NumPy and ONNX Runtime are imported (0.15 s instead of 2 s with PyTorch and slimforge), so the loop starts
+    within about a second of the benchmark's last row; its session options are set here, as the benchmark sets them.
+    """
     import onnxruntime as ort
 
-    from slimforge.export.runtimes.ort import session_options
-
-    sess = ort.InferenceSession(onnx_path, session_options(threads), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: image}
     for _ in range(10):
         sess.run(None, feed)
-    times = []
+    starts, ms = [], []
     begin = time.perf_counter()
-    while len(times) < runs or time.perf_counter() - begin < seconds:
+    while len(ms) < runs or time.perf_counter() - begin < seconds:
         start = time.perf_counter()
         sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        ms.append((time.perf_counter() - start) * 1e3)
+        starts.append(start - begin)
+    return starts, ms
+
+
+def drift(args: argparse.Namespace, image, threads: int) -> None:
+    """``--drift``: how far this machine moves on its own. One bare ORT loop for ``--drift`` seconds; prints the
+    medians of its 5-s stretches and, over every pair of ``--loop-seconds`` windows 1 s apart (a row, then the loop
+    that checks it) and of windows 4 times as long, the share of pairs whose medians differ by more than
+    ``--tolerance``."""
+    import numpy as np
+
+    starts, ms = map(np.asarray, ort_calls(args.onnx, image, threads, 1, args.drift))
+    med = lambda a, b: float(np.median(ms[(starts >= a) & (starts < b)]))  # noqa: E731
+    five = [med(t, t + 5) for t in range(0, int(args.drift) - 4, 5)]
+    print(f"bare ORT loop, {len(ms)} calls over {args.drift:.0f} s; medians of 5-s stretches (ms): "
+          + " ".join(f"{m:.3f}" for m in five))  # fmt: skip
+    print(f"slowest / fastest stretch: {max(five) / min(five):.3f}")
+    for w in (args.loop_seconds, 4 * args.loop_seconds):  # the rows' length, and rows 4 times longer
+        pairs = [med(t, t + w) / med(t + w + 1, t + 2 * w + 1) for t in np.arange(0, args.drift - 2 * w - 1, 0.5)]
+        if not pairs:
+            continue
+        off = float(np.mean([abs(r - 1) > args.tolerance for r in pairs]))
+        print(f"{len(pairs)} pairs of {w:g}-s windows 1 s apart: {off:.0%} differ by more than {args.tolerance:.0%} "
+              f"(largest {max(abs(r - 1) for r in pairs):.0%}); at this drift {args.repeats} repeats in a row all "
+              f"hold {args.tolerance:.0%} with probability about {(1 - off) ** args.repeats:.2f}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import numpy as np
+
+    if args.loop == "ort-cpu":
+        _, ms = ort_calls(args.onnx, np.load(args.image), args.threads, args.runs, args.loop_seconds)
+        print(statistics.median(ms))
+        return 0
     import torch
 
     from slimforge.export.benchmarking import BenchConfig, run_benchmark
@@ -116,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop:
         # The image comes from a file, as in the benchmark's workers: no dataset code runs in the timed process.
         image = torch.from_numpy(np.load(args.image))
-        if args.loop == "torch-eager":
-            print(eager_median_ms(args.checkpoint, image, threads, args.runs, args.loop_seconds))
-        else:
-            print(ort_median_ms(args.onnx, np.ascontiguousarray(image.numpy()), threads, args.runs, args.loop_seconds))
+        print(eager_median_ms(args.checkpoint, image, threads, args.runs, args.loop_seconds))
+        return 0
+    if args.drift:
+        drift(args, np.ascontiguousarray(first_image(args.checkpoint).numpy()), threads)
         return 0
     configure_logging()
     tmp = tempfile.TemporaryDirectory(prefix="check-timing-")
