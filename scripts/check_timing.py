@@ -15,6 +15,9 @@ spread the benchmark reported for that row (how much the machine moved while it 
 (a second bare ORT loop, right after the first) says how far two identical independent measurements land apart on
 this machine at that moment: where they differ by more than the tolerance, no timing method can be held to it.
 Exit 0 when every repeat of every runtime is within ``--tolerance`` (10%), 1 otherwise.
+
+``--drift 300`` times only the bare ORT loop, for 300 s, and prints how often two identical windows a second
+apart differ by more than the tolerance: how far this machine moves on its own, whatever is being timed.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-control", dest="control", action="store_false", help="skip the control loop")
     p.add_argument("--loop", choices=["torch-eager", "ort-cpu"], help=argparse.SUPPRESS)  # one independent loop
     p.add_argument("--image", help=argparse.SUPPRESS)  # the loop's input, a .npy the parent wrote
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.drift is not None and args.drift < 10:
+        p.error(f"--drift {args.drift:g}: give at least 10 seconds (two 5-s stretches); 300 shows minutes of drift")
+    return args
 
 
 def independent_ms(args: argparse.Namespace, loop: str, threads: int) -> float:
