@@ -47,11 +47,19 @@ def export_torchscript(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with torch.no_grad():
-                # check_trace re-runs the trace on the same input only; verify.py checks other batches instead.
-                module = torch.jit.trace(model, example, check_trace=False)
-                if freeze:
-                    module = torch.jit.freeze(module.eval())
+            # A traced convolution keeps cuDNN's TF32 switch of the moment it was traced as a constant of the graph
+            # (aten::_convolution's allow_tf32), which no runtime flag changes later; PyTorch's default is True.
+            # Trace with it off, so the file computes in strict FP32 on a GPU as on the CPU.
+            tf32 = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = False
+            try:
+                with torch.no_grad():
+                    # check_trace re-runs the trace on the same input only; verify.py checks other batches instead.
+                    module = torch.jit.trace(model, example, check_trace=False)
+                    if freeze:
+                        module = torch.jit.freeze(module.eval())
+            finally:
+                torch.backends.cudnn.allow_tf32 = tf32
             torch.jit.save(module, str(path), _extra_files=extra_files or {})
         except Exception as e:  # tracing raises RuntimeError/TypeError/ValueError for untraceable models
             logger.debug("TorchScript export traceback", exc_info=True)

@@ -217,7 +217,19 @@ class TorchScript(_TorchRuntime):
             ) from None
         self.module.eval()
         self.precision = torch_precision(self.module)
+        if self.device == "cuda":
+            # The graph's convolutions carry the TF32 switch they were traced with (export/to_torchscript.py traces
+            # with it off); no runtime flag reaches them. The file decides, and the matmuls follow it so the whole
+            # graph computes in one precision: the row's label is what ran, whatever tf32 asked for.
+            self.details["tf32_requested"] = self.tf32
+            self.tf32 = traced_tf32(self.module)
         self._gpu_precision()
+
+
+def traced_tf32(module: torch.jit.ScriptModule) -> bool:
+    """Whether any convolution of a TorchScript graph was traced with cuDNN's TF32 allowed (its last argument)."""
+    graph = module.inlined_graph  # held: the nodes die with it
+    return any(list(node.inputs())[-1].toIValue() for node in graph.findAllNodes("aten::_convolution"))
 
 
 @register_runtime("torchscript-cuda", kinds=(".pt", ".ts"))

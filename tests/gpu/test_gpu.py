@@ -12,6 +12,7 @@ import torch
 
 from slimforge.export.runtimes import get_runtime, runtime_class
 from slimforge.export.to_onnx import export_onnx
+from slimforge.export.to_torchscript import export_torchscript
 from slimforge.export.verify import run_batches
 from slimforge.train.checkpoint import load_checkpoint
 from tests.conftest import launch_args, run_cmd, train_checkpoint
@@ -26,7 +27,7 @@ def student(tmp_path_factory):
     ckpt = train_checkpoint(folder / "resnet10t", steps=40)
     model, spec, _ = load_checkpoint(ckpt)
     images = torch.randn(64, *spec.input_size, generator=torch.Generator().manual_seed(0))
-    onnx_path = export_onnx(model.eval(), images[:1], folder / "model.onnx")
+    onnx_path = export_onnx(model.eval(), images[:2], folder / "model.onnx")
     with torch.no_grad():
         reference = model(images).numpy()
     return ckpt, onnx_path, images, reference
@@ -45,6 +46,9 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("runtime", ["torch-eager-cuda", "ort-cuda", "torch-eager-cuda-cl"])
 def test_gpu_runtimes_match_the_cpu_in_strict_fp32_and_say_when_tf32_is_on(student, runtime):
     ckpt, onnx_path, images, reference = student
+    ok, why = runtime_class(runtime).available()
+    if not ok:
+        pytest.skip(why)  # e.g. an onnxruntime build without the CUDA provider
     path = onnx_path if runtime.startswith("ort") else ckpt
     strict, rt = logits(runtime, path, images, tf32=False)
     assert rt.precision == "fp32" and rel(strict, reference) < 1e-4
@@ -53,7 +57,17 @@ def test_gpu_runtimes_match_the_cpu_in_strict_fp32_and_say_when_tf32_is_on(stude
     assert rel(fast, reference) < 1e-2 and (fast.argmax(1) == reference.argmax(1)).mean() >= 0.95
 
 
+def test_a_torchscript_file_computes_in_the_precision_it_was_traced_with(student, tmp_path):
+    ckpt, _, images, reference = student
+    model, _, _ = load_checkpoint(ckpt)
+    got, rt = logits("torchscript-cuda", export_torchscript(model.eval(), images[:2], tmp_path / "m.ts"), images, True)
+    assert rt.precision == "fp32" and rt.details["tf32_requested"] is True and rel(got, reference) < 1e-4
+
+
 def test_ort_cuda_keeps_copies_out_of_the_timed_call_and_names_its_node_placement(student):
+    ok, why = runtime_class("ort-cuda").available()
+    if not ok:
+        pytest.skip(why)
     _, onnx_path, images, reference = student
     rt = get_runtime("ort-cuda")(tf32=False, max_batch=32)
     rt.load(onnx_path)

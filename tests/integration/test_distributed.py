@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,6 +172,35 @@ def test_fsdp_on_a_cpu_only_machine_is_a_clear_error(tmp_path, tiny_teacher):
     assert proc.stderr.count("error: the launch config asks for FSDP") == 1  # one message, from rank 0
     assert "without syncing gradients" in proc.stderr and "fix: " in proc.stderr
     assert not (out / "checkpoint").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_trains_as_the_single_process_run_and_in_bf16(tmp_path, tiny_teacher, unclipped_runs):
+    """FSDP2 through Accelerate, on CPU processes (tests/integration/fsdp_on_cpu.py): 2 ranks in FP32 train the
+    single-process run's weights (sharded gradients synced, their global norm from the shards, the final weights
+    gathered); 1 rank in bf16 trains a batch-norm student and saves it (batch norms under FSDP's mixed precision,
+    the replica digest of sharded parameters)."""
+    out = tmp_path / "fsdp"
+    args = launch_args("fsdp.yaml", "tests/integration/fsdp_on_cpu.py", "configs/debug/tiny_equivalence.yaml",
+                       *unclipped_args(tiny_teacher), "data.batch_size=16", f"train.output_dir={out}")  # fmt: skip
+    proc = run_cmd(args, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed_type"] == "DistributedType.FSDP" and summary["steps"] == 6
+    diff = relative_difference(weights(out / "checkpoint"), weights(unclipped_runs / "single" / "checkpoint"))
+    assert diff <= 1e-5, f"FSDP differs from the single-process run by {diff:.2e} (relative)"
+    norms = [r["grad_norm"] for r in train_records(out)]
+    single = [r["grad_norm"] for r in train_records(unclipped_runs / "single")]
+    assert np.allclose(norms, single, rtol=1e-4), (norms, single)
+    out = tmp_path / "fsdp_bf16"
+    args = launch_args("fsdp.yaml", "tests/integration/fsdp_on_cpu.py", "configs/debug/tiny_equivalence.yaml",
+                       *_tiny(tiny_teacher, out), "model.name=tests.factories:tiny_bn_convnet",
+                       "train.mixed_precision=bf16")  # fmt: skip
+    args[args.index("--config_file") + 2 : args.index("--config_file") + 2] = ["--num_processes", "1"]
+    proc = run_cmd(args, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_compute_dtype"] == "torch.bfloat16" and (out / "checkpoint" / "model.safetensors").exists()
 
 
 def descendants(pid: int) -> list[int]:

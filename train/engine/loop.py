@@ -68,6 +68,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         buffers_in_weight_precision,
         deepspeed_autocast,
         describe_numerics,
+        fsdp_autocast,
         keep_configured_optimizer,
         match_input_dtype,
     )
@@ -160,6 +161,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     configured = build_optimizer(student, cfg.optim, lr)
     val_loader = build_loader(splits.val, cfg.data, is_training=False, pin_memory=pin)
     deepspeed_autocast(accelerator)  # DeepSpeed bf16 trains as DDP's autocast does
+    fsdp_autocast(accelerator)  # so does FSDP: FP32 parameters (batch norms too) under the autocast
     buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics in fp16 too
     student, optimizer, train_loader, val_loader = accelerator.prepare(student, configured, train_loader, val_loader)
     topology.update(describe_numerics(accelerator, student, optimizer, configured, cfg.train.mixed_precision))

@@ -13,6 +13,9 @@ convolutions as under DDP (DeepSpeed then also reduces those layers' gradients i
 inside the ZeRO optimizer. There the student's inputs are cast to its weights' dtype and its outputs back to FP32
 (losses in FP32), its buffers are held in fp16 too, and the frozen teacher keeps its own precision.
 
+Under FSDP, Accelerate would cast every parameter to the low dtype, batch norms included: FSDP holds FP32 instead
+and the same autocast as under DDP does the low-precision compute (:func:`fsdp_autocast`).
+
 Under DeepSpeed the final student is assembled from the FP32 masters (``deepspeed.utils.safe_get_full_fp32_param``),
 never from a 16-bit module, which would round every weight.
 """
@@ -77,6 +80,28 @@ def deepspeed_autocast(accelerator) -> None:
         return
     plugin.deepspeed_config["bf16"] = {"enabled": False}
     plugin.deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+
+
+def fsdp_autocast(accelerator) -> None:
+    """Under FSDP with ``train.mixed_precision``: FP32 parameters with Accelerate's autocast, as under DDP.
+
+    Accelerate's FSDP mixed precision casts every parameter to the low dtype (FSDP2's ``MixedPrecisionPolicy``
+    ``param_dtype``), batch norms included, while their running statistics stay FP32: the batch norm kernel then
+    refuses the mix (``expected scalar type BFloat16 but found Float``; FSDP1 kept batch norms out of it by default,
+    FSDP2 has no such rule). With the policy's dtypes left unset, FSDP holds, gathers and reduces FP32 and the
+    autocast Accelerate wraps around the forward computes convolutions and matmuls in the low dtype.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or str(accelerator.mixed_precision) == "no":
+        return
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy()
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        plugin.mixed_precision_policy = MixedPrecision()
 
 
 def buffers_in_weight_precision(accelerator, model: nn.Module) -> None:

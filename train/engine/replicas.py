@@ -25,10 +25,15 @@ def state_digest(model: nn.Module) -> str:
     for prefix, m in model.named_modules():
         if isinstance(m, ActivationQuantizer):
             tensors.update({f"{prefix}.{k}": v for k, v in m.named_buffers()})
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
     for name, t in sorted(tensors.items()):
         h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        if isinstance(t, DTensor):  # FSDP2 (digested with one process only, where the shard is the whole tensor)
+            t = t.full_tensor()
+        # A copy: a NumPy view would pin the parameter's storage, which FSDP frees and reallocates.
+        h.update(t.detach().to("cpu", copy=True).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -60,9 +60,18 @@ class DivergenceGuard:
         grads = [p.grad for p in accelerator.unwrap_model(model).parameters() if p.grad is not None]
         grad_bad = torch.zeros((), dtype=torch.bool, device=device)
         self.grad_norm = None
-        if grads:  # DDP / one process: the synchronised gradients (DeepSpeed keeps its own, see after_step)
-            norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-            self.grad_norm = torch.linalg.vector_norm(norms)  # before clipping, on the device
+        if grads:  # DDP / FSDP / one process (DeepSpeed keeps its own, see after_step)
+            from torch.distributed.tensor import DTensor
+
+            # FSDP2 holds each rank's shard of every gradient (a DTensor): the norm is the root of the sum over
+            # ranks of the shards' squares, one all-reduce (a collective: every FSDP rank has DTensor gradients).
+            sharded = any(isinstance(g, DTensor) for g in grads)
+            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+            norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in local])
+            if sharded and accelerator.num_processes > 1:
+                self.grad_norm = accelerator.reduce(norms.square().sum(), reduction="sum").sqrt()
+            else:
+                self.grad_norm = torch.linalg.vector_norm(norms)  # before clipping, on the device
             if self.check_gradients:
                 grad_bad = ~torch.isfinite(norms).all()
         flag = torch.stack([loss_bad.to(device), grad_bad.to(device)]).float()
@@ -78,7 +87,12 @@ class DivergenceGuard:
         if flag[1] > 0:
             names = [n for n, p in accelerator.unwrap_model(model).named_parameters()
                      if p.grad is not None and not bool(torch.isfinite(p.grad).all())]  # fmt: skip
-            what.append(f"the gradient of {names[0]}" if names else "a gradient (on another rank)")
+            if names:
+                what.append(f"the gradient of {names[0]}")
+            elif accelerator.num_processes == 1:  # every element finite, a norm overflowed: they are exploding
+                what.append("the gradient norm")
+            else:
+                what.append("a gradient (on another rank)")
         raise DivergenceError(
             f"training diverged at optimizer update {step}: {' and '.join(what)} became non-finite (nan/inf); no "
             f"checkpoint was written; {self._newest_state()}",

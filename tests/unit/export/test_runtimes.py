@@ -166,3 +166,22 @@ def test_gpu_runtimes_say_why_they_cannot_run_here(name):
     assert cls.device == "cuda"
     if not torch.cuda.is_available():
         assert not ok and why
+
+
+def test_torchscript_files_are_traced_in_strict_fp32_and_say_so(tmp_path):
+    """A traced convolution keeps cuDNN's TF32 switch as a graph constant that no runtime flag reaches (on a GPU,
+    PyTorch's default True made a TorchScript file differ from eager FP32 by 2.4e-4): export traces with it off
+    and restores the process's setting; the runtime reads the constant back."""
+    from slimforge.export.runtimes.pytorch import traced_tf32
+    from slimforge.export.to_torchscript import export_torchscript
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        path = export_torchscript(model, torch.randn(2, 3, 8, 8), tmp_path / "m.ts")
+        assert torch.backends.cudnn.allow_tf32 is True
+        assert traced_tf32(torch.jit.load(str(path))) is False
+        assert traced_tf32(torch.jit.freeze(torch.jit.trace(model, torch.randn(2, 3, 8, 8)))) is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
