@@ -299,7 +299,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     images = val.images_for(spec)  # [N, C, H, W]
     plan = batch_plan(len(images), cfg.parity.batch_size)
     reference = reference_logits(model, images, plan)  # [N, K]
-    logger.info("checking exports of %s on %d validation images, batches %s", spec.name, len(images), plan[:3])
+    logger.info("checking exports of %s on %s (validation), batches %s", spec.name, val.coverage, plan[:3])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +323,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         "model_json": MODEL_JSON,
         "data": asdict(data_cfg),
         "num_images": len(images),
+        "coverage": val.coverage,
         "batch_plan": sorted(set(plan)),
         "recipe": [step["method"] for step in spec.recipe],
         "settings": asdict(cfg),

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from slimforge.train.config import apply_overrides, from_dict
-from slimforge.train.data import DataConfig, Splits, load_splits, with_transform
+from slimforge.train.data import DataConfig, Splits, class_coverage, load_splits, stratified_indices, with_transform
 from slimforge.train.errors import DataError
 from slimforge.train.models import ModelSpec
 
@@ -67,11 +67,13 @@ def _splits(cfg_json: str) -> Splits:
 
 
 class ValidationSet:
-    """The first ``max_images`` validation samples of a dataset, transformed per model on demand.
+    """The validation samples of a dataset, or a seeded class-stratified sample of ``max_images`` of them,
+    transformed per model on demand.
 
     Args:
         cfg: The dataset (usually :func:`data_config_from_meta`).
-        max_images: Keep the first N validation samples; ``None`` keeps all.
+        max_images: Keep N samples, every class in turn (:func:`slimforge.train.data.stratified_indices` with
+            ``data.seed``): the same images in every process; ``None`` keeps all.
         split: ``"val"``, or ``"train"`` for images held apart from the checks (int8 calibration); both get the
             eval transform.
     """
@@ -87,9 +89,13 @@ class ValidationSet:
         n = len(samples) if max_images is None else min(max_images, len(samples))
         if n == 0:
             raise DataError(f"the dataset's {split} split is empty", f"use a dataset with {split} images")
-        self.split = samples.select(range(n))
+        self.split = samples if n == len(samples) else samples.select(stratified_indices(samples["label"], n, cfg.seed))
         self.class_names = list(splits.class_names)
         self.labels = torch.tensor(self.split["label"], dtype=torch.long)  # [N]
+        self.sampled = n < len(samples)
+        """Whether these are a stratified sample of the split rather than all of it."""
+        self.coverage = class_coverage(self.labels.numpy()) + (f", sampled from {len(samples)}" if self.sampled else "")
+        """``"N images of K classes"``, for the reports."""
         self._cache: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:

@@ -163,10 +163,12 @@ def headline(report: dict[str, Any]) -> str:
     """One paragraph: machine, threads, data, timing settings."""
     m, s, d = report["machine"], report["settings"]["timing"], report["data"]
     data = d["source"] if d["source"] in ("synthetic", "imagefolder") else f"{d['source']}:{d['name']}"
+    classes = f" of {d['num_classes']} classes" if d.get("num_classes") else ""
+    classes += " (a seeded class-stratified sample of the split)" if d.get("sampled") else ""
     return (
         f"Benchmark on {m['cpu']} ({m['usable_cores']} usable cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
         f"{s['threads']} threads, torch {m['torch']}, onnxruntime {m.get('onnxruntime')}, openvino "
-        f"{m.get('openvino')}; {d['num_images']} validation images of {data} ({d['image_size']} px); "
+        f"{m.get('openvino')}; {d['num_images']} validation images{classes} of {data} ({d['image_size']} px); "
         f"latency at batch 1 over at least {s['runs']} runs in {s.get('rounds', 1)} rounds of at least "
         f"{s.get('min_round_s', 0)} s after {s['warmup']} warm-ups (p50: median of the round medians; spread: "
         f"slowest minus fastest round median over the p50); throughput over batch sizes {s['batch_sizes']} "

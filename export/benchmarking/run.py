@@ -124,7 +124,12 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
         "note": cfg.note,
         "machine": machine,
         "settings": asdict(cfg),
-        "data": {**asdict(val.cfg), "num_images": len(val)},
+        "data": {
+            **asdict(val.cfg),
+            "num_images": len(val),
+            "num_classes": len(set(val.labels.tolist())),
+            "sampled": val.sampled,
+        },
         "teacher": str(t_target.path),
         "peaks": peaks,
         "rows": rows,

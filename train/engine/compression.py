@@ -9,6 +9,7 @@ student was loaded with, then this run's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from slimforge.compress.api import CompressionContext, RecipeError
 from slimforge.train.engine.topology import deepspeed_plugin
 from slimforge.train.errors import SlimforgeError
 from slimforge.train.recipe import build_methods
+
+logger = logging.getLogger(__name__)
 
 
 def _zero_stage(accelerator) -> int | None:
@@ -100,18 +103,21 @@ class RecipeRun:
 
 
 def calibration_batches(dataset, data_cfg) -> Any:
-    """``n -> iterator`` over batches of the first ``n`` images of ``dataset`` (evaluation transform, unshuffled):
-    the same images on every rank, whatever the micro-batch size."""
+    """``n -> iterator`` over batches of a seeded, class-stratified sample of ``n`` images of ``dataset``
+    (evaluation transform; :func:`slimforge.train.data.stratified_indices` with ``data.seed``): the same images
+    on every rank, whatever the micro-batch size, and every class once ``n`` reaches the class count."""
     import dataclasses
 
-    from slimforge.train.data import build_loader
+    from slimforge.train.data import build_loader, class_coverage, stratified_indices
 
     # Batches of the training micro-batch size, read in this process: a few batches do not pay for workers.
     cfg = dataclasses.replace(data_cfg, eval_batch_size=data_cfg.batch_size, num_workers=0)
 
     def batches(n: int) -> Iterator[torch.Tensor]:
         left = n
-        for batch in build_loader(dataset.select(range(min(n, len(dataset)))), cfg, is_training=False):
+        sample = dataset.select(stratified_indices(dataset["label"], n, data_cfg.seed))
+        logger.info("calibration sample: %s", class_coverage(sample["label"]))
+        for batch in build_loader(sample, cfg, is_training=False):
             images = batch["pixel_values"][:left]
             left -= len(images)
             yield images
