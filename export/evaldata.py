@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from slimforge.train.config import apply_overrides, from_dict
-from slimforge.train.data import DataConfig, Splits, class_coverage, load_splits, stratified_indices, with_transform
+from slimforge.train.data import DataConfig, Splits, load_splits, with_transform
 from slimforge.train.errors import DataError
 from slimforge.train.models import ModelSpec
+from slimforge.train.sampling import class_coverage, stratified_indices
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class ValidationSet:
 
     Args:
         cfg: The dataset (usually :func:`data_config_from_meta`).
-        max_images: Keep N samples, every class in turn (:func:`slimforge.train.data.stratified_indices` with
+        max_images: Keep N samples, every class in turn (:func:`slimforge.train.sampling.stratified_indices` with
             ``data.seed``): the same images in every process; ``None`` keeps all.
         split: ``"val"``, or ``"train"`` for images held apart from the checks (int8 calibration); both get the
             eval transform.

@@ -18,6 +18,7 @@ import torch
 
 from slimforge.train.config import at_least
 from slimforge.train.errors import DataError
+from slimforge.train.imagefolder import image_features, scan_image_folder
 from slimforge.train.views import ImageSamples, build_transform, policy_problems, sample_seed
 
 __all__ = ["DataConfig", "ImageSamples", "build_loader", "build_transform", "load_splits", "sample_seed"]
@@ -177,12 +178,6 @@ class Splits:
         return len(self.class_names)
 
 
-def _image_features(class_names: list[str]):
-    import datasets
-
-    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
-
-
 def _embedded(name: str):
     """A real dataset shipped inside a PyPI package, as a ``datasets.Dataset`` (Image + ClassLabel)."""
     import datasets
@@ -201,7 +196,7 @@ def _embedded(name: str):
     class_names = [str(i) for i in range(10)]
     return datasets.Dataset.from_dict(
         {"image": [Image.fromarray(im, mode="L") for im in images], "label": y.astype(np.int64).tolist()},
-        features=_image_features(class_names),
+        features=image_features(class_names),
     )
 
 
@@ -221,7 +216,7 @@ def _synthetic(cfg: DataConfig):
         images.append(Image.fromarray(img, mode="RGB"))
     class_names = [f"class_{i}" for i in range(k)]
     return datasets.Dataset.from_dict(
-        {"image": images, "label": labels.astype(np.int64).tolist()}, features=_image_features(class_names)
+        {"image": images, "label": labels.astype(np.int64).tolist()}, features=image_features(class_names)
     )
 
 
@@ -255,10 +250,7 @@ def load_splits(cfg: DataConfig) -> Splits:
                 f"data.path {str(root)!r} does not exist or is not a directory",
                 "point data.path at a folder laid out as <class>/<image> (or train/<class>/<image>)",
             )
-        try:
-            dd = datasets.load_dataset("imagefolder", data_dir=str(root))
-        except Exception as e:  # datasets raises several types for empty or unreadable folders
-            raise DataError(f"cannot read image folder {root}: {e}", "check the folder holds images") from None
+        dd = scan_image_folder(root)
     elif cfg.source == "hub":
         # No trust_remote_code: only datasets stored as data files load.
         dd = datasets.load_dataset(cfg.name)
@@ -304,54 +296,6 @@ def load_splits(cfg: DataConfig) -> Splits:
     note = f"; splits {unused} are not used (data.val_split picks one)" if unused else ""
     logger.info("validation: %d images %s%s", len(val), source, note)
     return Splits(train=train, val=val, class_names=list(label_feature.names))
-
-
-def stratified_indices(labels, n: int, seed: int = 0) -> list[int]:
-    """A seeded, class-stratified sample of ``n`` row indices: the same on every rank and run with the same seed.
-
-    Classes take turns, each in its own seeded random order, so every class is represented once ``n`` reaches
-    the number of classes, the counts per class differ by at most one (where classes have enough rows), and every
-    prefix of the result is itself stratified. Rows sorted by class (an image folder, an ImageNet validation split)
-    make the first ``n`` rows one or two classes; this is what calibration, pruning importance, parity checks and
-    the benchmark's accuracy read instead.
-
-    Args:
-        labels: ``[N]`` class index of every row (a list, an array or a ``datasets`` column).
-        n: How many rows to take (all of them when ``n >= N``).
-        seed: The sample's seed.
-
-    Returns:
-        Row indices, ``min(n, N)`` of them, in the order to read them.
-
-    Example:
-        >>> labels = [0, 0, 0, 1, 1, 1]
-        >>> sorted(labels[i] for i in stratified_indices(labels, 4, seed=0))
-        [0, 0, 1, 1]
-    """
-    labels = np.asarray(labels)
-    n = min(n, len(labels))
-    rng = np.random.default_rng(seed)
-    _, inverse = np.unique(labels, return_inverse=True)
-    # Rows grouped by class in one sort (not one scan per class: ImageNet has 1,000 classes over 1.28 M rows).
-    groups = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
-    per_class = [rng.permutation(g) for g in groups]
-    turns = rng.permutation(len(per_class))  # which class goes first in each round, seeded too
-    out: list[int] = []
-    depth = 0
-    while len(out) < n:
-        for c in turns:
-            if depth < len(per_class[c]):
-                out.append(int(per_class[c][depth]))
-                if len(out) == n:
-                    break
-        depth += 1
-    return out
-
-
-def class_coverage(labels) -> str:
-    """``"N images of K classes"``: what a report says about the sample it used."""
-    labels = np.asarray(labels)
-    return f"{len(labels)} images of {len(np.unique(labels))} classes"
 
 
 def with_transform(ds, cfg: DataConfig, is_training: bool = False):

@@ -98,6 +98,11 @@ PRUNED_STUDENT = (
     "compress=[{method: prune, macs: 0.6, importance: taylor, calibration_images: 32}]",
     "train.log_every=1",
 )
+# Two ranks average two half-batch gradients where one process averages the whole batch: float32 sums in another
+# order, which AdamW's division by sqrt(v) amplifies where v is small. Measured after the 6 updates: 3.7e-6 and
+# 1.4e-5 (relative) for two students pruned from different calibration samples; the control below, the same run at
+# half the global batch, lands 0.57 away.
+EQUIVALENT = 5e-5
 UNCLIPPED = {
     "single": ("single.yaml", 32),
     "ddp": ("ddp.yaml", 16),
@@ -149,7 +154,7 @@ def test_ddp_zero2_zero3_match_a_single_process_run(unclipped_runs):
         got = weights(runs / name / "checkpoint")
         assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in reference.items()}, name
         diff = relative_difference(got, reference)
-        assert diff <= 1e-5, f"{name} differs from the single-process run by {diff:.2e} (relative)"
+        assert diff <= EQUIVALENT, f"{name} differs from the single-process run by {diff:.2e} (relative)"
     # Control: the same single-process run at a different global batch lands measurably elsewhere, so the
     # tolerance above really tells synchronised from unsynchronised training.
     assert relative_difference(weights(runs / "single_b16" / "checkpoint"), reference) > 1e-3
@@ -188,7 +193,7 @@ def test_fsdp_trains_as_the_single_process_run_and_in_bf16(tmp_path, tiny_teache
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distributed_type"] == "DistributedType.FSDP" and summary["steps"] == 6
     diff = relative_difference(weights(out / "checkpoint"), weights(unclipped_runs / "single" / "checkpoint"))
-    assert diff <= 1e-5, f"FSDP differs from the single-process run by {diff:.2e} (relative)"
+    assert diff <= EQUIVALENT, f"FSDP differs from the single-process run by {diff:.2e} (relative)"
     norms = [r["grad_norm"] for r in train_records(out)]
     single = [r["grad_norm"] for r in train_records(unclipped_runs / "single")]
     assert np.allclose(norms, single, rtol=1e-4), (norms, single)
@@ -428,6 +433,6 @@ def test_deepspeed_clips_exactly_as_the_run_config_says(tmp_path, tiny_teacher, 
     for clip in ("null", "0.5"):
         for launch_config in ("zero2.yaml", "zero3.yaml"):
             diff = relative_difference(weights_of[launch_config, clip], weights_of["single.yaml", clip])
-            assert diff <= 1e-5, f"{launch_config} with optim.grad_clip={clip} differs from one process by {diff:.2e}"
+            assert diff <= EQUIVALENT, f"{launch_config}, optim.grad_clip={clip}: {diff:.2e} from one process"
     # Control: clipping at 0.5 really changed the training.
     assert relative_difference(weights_of["single.yaml", "0.5"], weights_of["single.yaml", "null"]) > 1e-3

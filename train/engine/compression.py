@@ -104,11 +104,12 @@ class RecipeRun:
 
 def calibration_batches(dataset, data_cfg) -> Any:
     """``n -> iterator`` over batches of a seeded, class-stratified sample of ``n`` images of ``dataset``
-    (evaluation transform; :func:`slimforge.train.data.stratified_indices` with ``data.seed``): the same images
+    (evaluation transform; :func:`slimforge.train.sampling.stratified_indices` with ``data.seed``): the same images
     on every rank, whatever the micro-batch size, and every class once ``n`` reaches the class count."""
     import dataclasses
 
-    from slimforge.train.data import build_loader, class_coverage, stratified_indices
+    from slimforge.train.data import build_loader
+    from slimforge.train.sampling import class_coverage, stratified_indices
 
     # Batches of the training micro-batch size, read in this process: a few batches do not pay for workers.
     cfg = dataclasses.replace(data_cfg, eval_batch_size=data_cfg.batch_size, num_workers=0)

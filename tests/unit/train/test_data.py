@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
@@ -80,3 +82,50 @@ def test_an_image_folder_validates_on_its_validation_subfolder(tmp_path, caplog,
         held_out = load_splits(DataConfig(source="imagefolder", path=str(tmp_path / "train"), image_size=8))
     assert (len(held_out.train), len(held_out.val)) == (9, 3)  # no validation folder: 20 % held out, and said so
     assert "validation: 3 images held out of split 'train' (data.val_fraction 0.2)" in caplog.text
+
+
+def test_the_folder_scan_reads_what_datasets_imagefolder_reads(tmp_path):
+    """Same splits (folder names as `datasets` knows them), same class names, same (file, label) rows as
+    `datasets.load_dataset("imagefolder")`, which is far slower on large folders (scripts/bench_data.py)."""
+    from slimforge.train.imagefolder import scan_image_folder
+
+    rng = np.random.default_rng(0)
+    layout = {("train", "cat"): 3, ("train", "dog"): 2, ("train", "eel"): 2, ("val", "cat"): 1, ("val", "dog"): 2}
+    for (split, cls), n in layout.items():
+        (tmp_path / split / cls).mkdir(parents=True)
+        for i in range(n):
+            image = Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8))
+            image.save(tmp_path / split / cls / (f"{i}.JPG" if i else f"{i}.png"))
+        (tmp_path / split / cls / "notes.txt").write_text("not an image")
+    ours = scan_image_folder(tmp_path)
+    theirs = datasets.load_dataset("imagefolder", data_dir=str(tmp_path))
+    assert sorted(ours) == sorted(theirs) == ["train", "validation"]
+    for split in ours:
+        assert ours[split].features["label"].names == theirs[split].features["label"].names == ["cat", "dog", "eel"]
+
+        def rows(ds):
+            return sorted((Path(r["image"]["path"]).name, Path(r["image"]["path"]).parent.name, r["label"])
+                          for r in ds.cast_column("image", datasets.Image(decode=False)))  # fmt: skip
+
+        assert rows(ours[split]) == rows(theirs[split])
+    assert np.asarray(ours["train"][0]["image"]).shape == (6, 6, 3)  # decoded from its path when read
+    # Images in subfolders of a class folder belong to that class, as in torchvision's ImageFolder (datasets' own
+    # loader drops every label when files sit at different depths).
+    (tmp_path / "train" / "eel" / "more").mkdir()
+    Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(tmp_path / "train" / "eel" / "more" / "x.png")
+    train = scan_image_folder(tmp_path)["train"]
+    assert train.num_rows == 8 and train["label"].count(2) == 3
+
+
+def test_two_folders_for_one_split_or_an_empty_split_are_clear_errors(tmp_path):
+    from slimforge.train.imagefolder import scan_image_folder
+
+    for name in ("val", "validation"):
+        (tmp_path / name / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="two folders for split 'validation'"):
+        scan_image_folder(tmp_path)
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no image") as info:
+        scan_image_folder(empty)
+    assert "<class>/<image>" in info.value.fix

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from slimforge.export.evaldata import ValidationSet
-from slimforge.train.data import DataConfig, load_splits, stratified_indices
+from slimforge.train.data import DataConfig, load_splits
 from slimforge.train.engine.compression import calibration_batches
+from slimforge.train.sampling import stratified_indices
 
 CLASSES = 100
 
