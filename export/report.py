@@ -163,8 +163,8 @@ def headline(report: dict[str, Any]) -> str:
     """One paragraph: machine, threads, data, timing settings."""
     m, s, d = report["machine"], report["settings"]["timing"], report["data"]
     data = d["source"] if d["source"] in ("synthetic", "imagefolder") else f"{d['source']}:{d['name']}"
-    classes = f" of {d['num_classes']} classes" if d.get("num_classes") else ""
-    classes += " (a seeded class-stratified sample of the split)" if d.get("sampled") else ""
+    sample = "; a seeded class-stratified sample of the split" if d.get("sampled") else ""
+    classes = f" ({d['num_classes']} classes{sample})" if d.get("num_classes") else ""
     return (
         f"Benchmark on {m['cpu']} ({m['usable_cores']} usable cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
         f"{s['threads']} threads, torch {m['torch']}, onnxruntime {m.get('onnxruntime')}, openvino "
