@@ -20,6 +20,10 @@ if [ ! -f .gpu_wheels/manifest.json ]; then
   exit 1
 fi
 PY=${PYTHON312:-python3.12}
+if ! "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 12)' > /dev/null 2>&1; then
+  echo "gpu_rehearsal: '$PY' is not a working Python 3.12 (the GPU image's version): set PYTHON312=/path/to/python3.12" >&2
+  exit 1
+fi
 IMG=.gpu_image_venv
 if [ ! -x "$IMG/bin/python" ]; then
   "$PY" -m venv "$IMG"
