@@ -90,11 +90,11 @@ class ValidationSet:
         n = len(samples) if max_images is None else min(max_images, len(samples))
         if n == 0:
             raise DataError(f"the dataset's {split} split is empty", f"use a dataset with {split} images")
-        self.split = samples if n == len(samples) else samples.select(stratified_indices(samples["label"], n, cfg.seed))
-        self.class_names = list(splits.class_names)
-        self.labels = torch.tensor(self.split["label"], dtype=torch.long)  # [N]
         self.sampled = n < len(samples)
         """Whether these are a stratified sample of the split rather than all of it."""
+        self.split = samples.select(stratified_indices(samples["label"], n, cfg.seed)) if self.sampled else samples
+        self.class_names = list(splits.class_names)
+        self.labels = torch.tensor(self.split["label"], dtype=torch.long)  # [N]
         self.coverage = class_coverage(self.labels.numpy()) + (f", sampled from {len(samples)}" if self.sampled else "")
         """``"N images of K classes"``, for the reports."""
         self._cache: dict[str, torch.Tensor] = {}

@@ -189,7 +189,7 @@ class Plan:
 
     def __init__(self, work: Path, gpus: int) -> None:
         self.work, self.gpus = work, gpus
-        self.runs = runs = work / "runs"
+        runs = work / "runs"
         self.teacher = runs / "teacher" / "checkpoint"
         self.student = runs / "ddp_bf16" / "checkpoint"
         self.export_dir = work / "export"
@@ -221,6 +221,10 @@ class Plan:
                                             "train.teacher_placement=sharded"]  # fmt: skip
         if gpus < 2:
             self.launches["two_ranks"] = self.launches["sharded_teacher"] = None
+
+    def run_dir(self, name: str) -> Path:
+        """The folder a training item's launch writes (its ``train.output_dir`` override)."""
+        return Path(next(a for a in self.launches[name] if a.startswith("train.output_dir=")).split("=", 1)[1])
 
     def export(self, ckpt: Path, out: Path, *formats: str) -> list[str]:
         cmd = [sys.executable, "export/export.py", "--checkpoint", str(ckpt), "--out", str(out)]
@@ -349,10 +353,10 @@ def fsdp_resume(check: Check, cmd: list[str], run_dir: Path):
 def run_items(check: Check, plan: Plan) -> None:
     gpus = plan.gpus
 
-    def train(name: str, run_dir: Path):
+    def train(name: str):
         def fn():
             checked(plan.launches[name], check.item_timeout())
-            return "pass", summary_figure(run_dir), None
+            return "pass", summary_figure(plan.run_dir(name)), None
 
         return fn
 
@@ -403,7 +407,7 @@ def run_items(check: Check, plan: Plan) -> None:
     def cached():
         checked(plan.launches["cache_teacher"], check.item_timeout())
         checked(plan.launches["cached_teacher"], check.item_timeout())
-        return "pass", summary_figure(plan.runs / "cached"), None
+        return "pass", summary_figure(plan.run_dir("cached_teacher")), None
 
     def gpu_tests():
         code, text = run(plan.gpu_tests(), check.item_timeout())
@@ -412,29 +416,26 @@ def run_items(check: Check, plan: Plan) -> None:
             raise Failed(f"exit {code}: {tail[0]}", text)
         return "pass", tail[0], None
 
-    def not_here(name: str):
-        return lambda: ("skipped", None, ONE_GPU.format(gpus=gpus))
+    def not_here():
+        return "skipped", None, ONE_GPU.format(gpus=gpus)
 
     check.item("cuda", cuda)
-    check.item("teacher", train("teacher", plan.runs / "teacher"))
-    check.item("ddp_bf16", train("ddp_bf16", plan.runs / "ddp_bf16"))
+    check.item("teacher", train("teacher"))
+    check.item("ddp_bf16", train("ddp_bf16"))
     check.item("export", lambda: exported(plan.student, plan.export_dir, "onnx", "torchscript"))
     check.item("cuda_parity", parity)
     check.item("benchmark", benchmark)
-    check.item("ddp_fp16", train("ddp_fp16", plan.runs / "ddp_fp16"))
-    check.item("qat", train("qat", plan.runs / "qat"))
-    check.item("export_int8", lambda: exported(plan.runs / "qat" / "checkpoint", plan.work / "export_int8"))
-    check.item("zero2_bf16", train("zero2_bf16", plan.runs / "zero2_bf16"))
-    check.item("zero3_bf16", train("zero3_bf16", plan.runs / "zero3_bf16"))
-    check.item("fsdp_bf16_resume", lambda: fsdp_resume(check, plan.launches["fsdp_bf16_resume"],
-                                                       plan.runs / "fsdp_bf16"))  # fmt: skip
+    check.item("ddp_fp16", train("ddp_fp16"))
+    check.item("qat", train("qat"))
+    check.item("export_int8", lambda: exported(plan.run_dir("qat") / "checkpoint", plan.work / "export_int8"))
+    check.item("zero2_bf16", train("zero2_bf16"))
+    check.item("zero3_bf16", train("zero3_bf16"))
+    name = "fsdp_bf16_resume"
+    check.item(name, lambda: fsdp_resume(check, plan.launches[name], plan.run_dir(name)))
     check.item("cached_teacher", cached)
     check.item("gpu_tests", gpu_tests)
     for name in ("two_ranks", "sharded_teacher"):
-        if plan.launches[name] is None:
-            check.item(name, not_here(name), skip=True)
-        else:
-            check.item(name, train(name, plan.runs / ("two" if name == "two_ranks" else "sharded")))
+        check.item(name, not_here if plan.launches[name] is None else train(name), skip=plan.launches[name] is None)
 
 
 def dry_run(plan: Plan) -> list[str]:
