@@ -1,7 +1,16 @@
-"""How long an image folder takes to index: slimforge's load against torchvision's ImageFolder scan (and, on
-request, ``datasets.load_dataset("imagefolder")``), measured side by side in interleaved rounds on one folder.
+"""How long an image folder takes to index, and how fast its training loader runs: slimforge against torchvision's
+ImageFolder, measured side by side in interleaved rounds on one folder.
 
     .venv/bin/python scripts/bench_data.py --images 200000 --classes 1000 [--rounds 3] [--with-datasets 20000]
+    .venv/bin/python scripts/bench_data.py --loader 1500 [--rounds 5] [--workers 2] [--batch 64]
+
+Loader (``--loader N``): N JPEGs of 500×375 (smooth gradients plus noise, quality 90) in 10 classes; each round
+runs one epoch of torchvision ``ImageFolder`` + ``DataLoader`` and one of slimforge's training loader
+(``build_loader``: ``datasets`` rows, per-sample seeded views), alternately, both with the same timm train
+transform (224 px random-resized crop, scale 0.08–1, flip) built by slimforge, the same batch size and worker count,
+fresh workers every epoch. It prints images/s of each per round and the median of the per-round ratios.
+
+Index:
 
 It writes a class-sorted folder under ``--folder`` (default a temporary one): ``train/<class>/<i>.jpg`` with
 ``--images`` small JPEGs and ``validation/<class>/`` with a tenth of that, every file the same 8×8 JPEG (indexing
@@ -60,6 +69,56 @@ def make_folder(root: Path, images: int, classes: int) -> None:
                 (folder / f"{split}_{i:08d}.JPEG").write_bytes(data)
 
 
+def make_jpegs(root: Path, images: int, classes: int = 10) -> None:
+    """``images`` photo-sized JPEGs (500×375) under ``root/<class>/``: what a loader decodes in a real dataset."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:375, 0:500]
+    base = np.stack([x * 255 / 500, y * 255 / 375, (x + y) * 255 / 875], -1)
+    for i in range(images):
+        folder = root / f"c{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def loader_rounds(root: Path, rounds: int, workers: int, batch: int) -> None:
+    """Images/s of torchvision's ImageFolder + DataLoader and of slimforge's loader, alternately, one epoch each."""
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    from slimforge.train.data import DataConfig, build_loader, build_transform, load_splits
+
+    cfg = DataConfig(
+        source="imagefolder", path=str(root), image_size=224, in_chans=3, crop_scale=[0.08, 1.0],
+        crop_ratio=[3 / 4, 4 / 3], hflip=0.5, batch_size=batch, num_workers=workers, persistent_workers=False,
+    )  # fmt: skip
+    train = load_splits(cfg).train  # 80% of the folder; torchvision reads the same number of images below
+    torchvision_set = ImageFolder(str(root), transform=build_transform(cfg, is_training=True))
+    subset = torch.utils.data.Subset(torchvision_set, range(len(train)))
+
+    def epoch(loader) -> float:
+        start, n = time.perf_counter(), 0
+        for batch_ in loader:
+            n += len(batch_[1] if isinstance(batch_, (list, tuple)) else batch_["label"])
+        return n / (time.perf_counter() - start)
+
+    ratios = []
+    for r in range(rounds):
+        tv = epoch(torch.utils.data.DataLoader(subset, batch, shuffle=True, num_workers=workers, drop_last=True))
+        loader = build_loader(train, cfg, is_training=True, seed=0)
+        loader.sampler.set_epoch(r)
+        sf = epoch(loader)
+        ratios.append(sf / tv)
+        print(f"round {r + 1}: torchvision {tv:.0f} img/s, slimforge {sf:.0f} img/s: ratio {sf / tv:.3f}", flush=True)
+    m = statistics.median(ratios)
+    print(f"median ratio slimforge / torchvision over {rounds} rounds: {m:.3f} (target >= 0.95: "
+          f"{'met' if m >= 0.95 else 'MISSED'}); {len(train)} images a round, batch {batch}, "
+          f"{workers} workers")  # fmt: skip
+
+
 def timed(code: str, folder: Path) -> tuple[float, int]:
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
     seconds, n = out.stdout.split()
@@ -73,7 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (%(default)s)")
     p.add_argument("--folder", help="where to write the folder (default: a temporary one, removed after)")
     p.add_argument("--with-datasets", type=int, default=0, metavar="N", help="also time datasets' loader on N images")
+    p.add_argument("--loader", type=int, default=0, metavar="N", help="time the training loader on N JPEGs instead")
+    p.add_argument("--workers", type=int, default=2, help="loader: DataLoader workers (%(default)s)")
+    p.add_argument("--batch", type=int, default=64, help="loader: batch size (%(default)s)")
     args = p.parse_args(argv)
+    if args.loader:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.folder or tmp) / "jpegs"
+            make_jpegs(root, args.loader)
+            loader_rounds(root, args.rounds, args.workers, args.batch)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.folder or tmp) / "folder"
         start = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 
 from slimforge.train.config import at_least
 from slimforge.train.errors import DataError
-from slimforge.train.imagefolder import image_features, scan_image_folder
+from slimforge.train.imagefolder import FolderIndex, folder_datasets, image_features, index_image_folder
 from slimforge.train.views import ImageSamples, build_transform, policy_problems, sample_seed
 
 __all__ = ["DataConfig", "ImageSamples", "build_loader", "build_transform", "load_splits", "sample_seed"]
@@ -103,6 +103,9 @@ class DataConfig:
     """Keep the worker processes between epochs (with ``num_workers`` > 0) instead of restarting them."""
     prefetch_factor: int | None = None
     """Batches each worker prepares ahead (torch's default, 2, when null; with ``num_workers`` > 0)."""
+    skip_unreadable: bool = False
+    """An image that cannot be decoded (truncated, not an image) stops the run, naming its path; true: it is replaced
+    by the next readable sample of the split and a warning names it (once per file and process)."""
     max_train_samples: int | None = None
     """Keep only the first N training samples (smoke tests); ``None`` keeps all."""
     max_val_samples: int | None = None
@@ -220,6 +223,21 @@ def _synthetic(cfg: DataConfig):
     )
 
 
+def index_folder(cfg: DataConfig) -> FolderIndex:
+    """The scan of an ``imagefolder`` source's folder.
+
+    Raises:
+        DataError: the folder is missing, or holds no image (:func:`index_image_folder`).
+    """
+    root = Path(cfg.path or "")
+    if not root.is_dir():
+        raise DataError(
+            f"data.path {str(root)!r} does not exist or is not a directory",
+            "point data.path at a folder laid out as <class>/<image> (or train/<class>/<image>)",
+        )
+    return index_image_folder(root)
+
+
 def _rename_columns(ds, cfg: DataConfig):
     if cfg.image_column not in ds.column_names or cfg.label_column not in ds.column_names:
         raise DataError(
@@ -235,8 +253,11 @@ def _rename_columns(ds, cfg: DataConfig):
     return ds
 
 
-def load_splits(cfg: DataConfig) -> Splits:
+def load_splits(cfg: DataConfig, folder_index: FolderIndex | None = None) -> Splits:
     """Loads ``cfg``'s dataset as train/validation ``datasets.Dataset`` splits.
+
+    ``folder_index``: an image folder's scan made already (by another process of the launch,
+    :func:`index_folder`); ``None`` scans it here.
 
     Raises:
         DataError: the folder or dataset is missing or has no ClassLabel column.
@@ -244,13 +265,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     import datasets
 
     if cfg.source == "imagefolder":
-        root = Path(cfg.path or "")
-        if not root.is_dir():
-            raise DataError(
-                f"data.path {str(root)!r} does not exist or is not a directory",
-                "point data.path at a folder laid out as <class>/<image> (or train/<class>/<image>)",
-            )
-        dd = scan_image_folder(root)
+        dd = folder_datasets(folder_index or index_folder(cfg))
     elif cfg.source == "hub":
         # No trust_remote_code: only datasets stored as data files load.
         dd = datasets.load_dataset(cfg.name)

@@ -10,14 +10,21 @@ the views the student trains on.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from slimforge.train.errors import DataError, first_line
+
 if TYPE_CHECKING:
     from slimforge.train.data import DataConfig
+
+logger = logging.getLogger(__name__)
+_MAX_SKIPPED_IN_A_ROW = 64
+"""With ``data.skip_unreadable``: more unreadable images in a row than this are not bad files but a bad dataset."""
 
 
 def policy_problems(policy: str) -> list[str]:
@@ -79,6 +86,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF
 
 
+def _image_path(ds, index: int) -> str:
+    """Where row ``index``'s image comes from: its file path, else (an image stored in the dataset) its row."""
+    import datasets
+
+    stored = ds.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))[index]["image"]
+    return stored.get("path") or f"stored in row {index}"
+
+
+def _seed_all(seed: int) -> None:
+    """Seeds the three generators timm's transforms draw from (torch's CPU one only)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
 class ImageSamples(torch.utils.data.Dataset):
     """A ``datasets.Dataset`` split seen as ``{"pixel_values": [C, H, W], "label": int, "index": int, "epoch": int}``
     items, plus ``"target"`` ``[num_classes]`` (a soft label) when Mixup or CutMix is on.
@@ -99,26 +121,60 @@ class ImageSamples(torch.utils.data.Dataset):
         self.seed = seed
         self.mixing = is_training and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
         self.num_classes = len(ds.features["label"].names) if self.mixing else 0
+        self.skipped: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def view(self, epoch: int, index: int) -> tuple[torch.Tensor, int]:
         """The sample's transformed image ``[C, H, W]`` at ``epoch`` and its label."""
-        row = self.ds[int(index)]
+        row = self._row(int(index))
         image = row["image"].convert(self.mode)
         # timm's transforms draw from `random`, NumPy's and torch's global RNGs (RandAugment picks its operations
-        # with np.random): seed all three per sample, then restore them.
+        # with np.random): seed all three per sample. Only the CPU generator of torch: `torch.manual_seed` also
+        # seeds every accelerator, ~90 us a call, a third of the gap to torchvision's loader (docs/data.md).
         s = sample_seed(self.seed, epoch, int(index))
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(s)
-            np.random.seed(s)
-            torch.manual_seed(s)
+        if torch.utils.data.get_worker_info() is not None:
+            # A DataLoader worker's global generators serve this dataset alone: no state to keep (saving and
+            # restoring them costs another ~0.2 ms a sample).
+            _seed_all(s)
+            return self.transform(image), row["label"]
+        # In the training process itself the generators also drive dropout, drop-path and the model's init:
+        # restore them, so loading data in-process changes nothing else.
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            _seed_all(s)
             pixels = self.transform(image)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
         return pixels, row["label"]
+
+    def _row(self, index: int) -> dict[str, Any]:
+        """Row ``index`` with its image decoded. An image that cannot be read stops the run with its path named,
+        or with ``data.skip_unreadable`` is replaced by the next readable one (a warning per file)."""
+        for offset in range(_MAX_SKIPPED_IN_A_ROW):
+            at = (index + offset) % len(self.ds)
+            try:
+                return self.ds[at]
+            except Exception as e:  # PIL raises OSError (truncated), UnidentifiedImageError, SyntaxError ...
+                where = _image_path(self.ds, at)
+                if not self.cfg.skip_unreadable:
+                    raise DataError(
+                        f"image {where} (sample {at}) cannot be read: {first_line(e)}",
+                        "replace or delete the file, or set data.skip_unreadable=true to train on without it",
+                    ) from e
+                if where not in self.skipped:
+                    self.skipped.add(where)
+                    logger.warning(
+                        "skipped unreadable image %s (%s); %d skipped by this process so far",
+                        where, first_line(e), len(self.skipped),
+                    )  # fmt: skip
+        raise DataError(
+            f"{_MAX_SKIPPED_IN_A_ROW} images in a row from sample {index} on cannot be read (last: {where})",
+            "check the dataset's files (a wrong path, a failed copy or an unmounted file system?)",
+        )
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)

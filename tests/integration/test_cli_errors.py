@@ -129,6 +129,22 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
     assert "train.output_dir" in err and "is a file, not a folder" in err and "fix: choose a folder" in err
 
 
+def test_an_unreadable_image_stops_training_with_its_path(tmp_path, capsys):
+    """Read in a DataLoader worker, mid-epoch: the run stops with the file named and leaves no checkpoint."""
+    from tests.unit.train.test_data import _folder_with_unreadable_images
+
+    truncated, _ = _folder_with_unreadable_images(tmp_path / "images")
+    out = tmp_path / "run"
+    argv = ["--config", TINY_TRAIN, "data.source=imagefolder", f"data.path={tmp_path / 'images'}", "data.in_chans=3"]
+    argv += ["data.image_size=8", "data.batch_size=2", "data.num_workers=1", "data.val_split=train"]
+    code = train.main(argv + [f"train.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error: ") == 1 and "Traceback" not in err
+    assert "cannot be read" in err and "fix: replace or delete the file" in err
+    assert str(truncated) in err or str(truncated.parent.parent / "c1" / "0.jpg") in err
+    assert not (out / "checkpoint").exists()
+
+
 def test_the_script_exits_non_zero_without_a_traceback(tmp_path):
     proc = run_cmd(
         [sys.executable, "train/train.py", "--config", TINY_TRAIN, "model.nme=x", f"train.output_dir={tmp_path / 'o'}"]

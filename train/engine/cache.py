@@ -38,7 +38,8 @@ def build_cache(cfg) -> dict[str, Any]:
     from accelerate.utils import gather_object
     from safetensors.torch import save_file
 
-    from slimforge.train.data import ImageSamples, build_loader, describe, load_splits
+    from slimforge.train.data import ImageSamples, build_loader, describe
+    from slimforge.train.engine.dataload import load_splits_once
     from slimforge.train.engine.evaluate import evaluate
     from slimforge.train.engine.topology import build_accelerator
     from slimforge.train.models.load import load_or_build
@@ -47,7 +48,8 @@ def build_cache(cfg) -> dict[str, Any]:
 
     if cfg.teacher is None or not cfg.teacher.checkpoint:
         raise SlimforgeError("caching needs a teacher checkpoint", "set teacher.checkpoint=<teacher run>/checkpoint")
-    splits = load_splits(cfg.data)
+    accelerator = build_accelerator(cfg.train)
+    splits = load_splits_once(cfg.data, accelerator)
     info = describe(cfg.data)
     k_all = splits.num_classes
     if cfg.cache.topk is not None and cfg.cache.topk > k_all:
@@ -63,7 +65,6 @@ def build_cache(cfg) -> dict[str, Any]:
         raise SlimforgeError(
             f"{out} already holds a teacher cache", "pass train.overwrite=true to replace it, or set cache.path"
         )
-    accelerator = build_accelerator(cfg.train)
     run = cfg.train
     teacher = place_teacher(teacher, "replicated", accelerator.device, 1, run.teacher_dtype, run.channels_last)
     epochs = cached_epochs(cfg)

@@ -1,6 +1,6 @@
 """``fit``: the one training loop of both entries, read top to bottom.
 
-Everything that can be wrong with the input is checked before the process group or any output exists; then the
+Everything that can be wrong with the input is checked before any output exists, on every rank alike; then the
 loop trains, evaluates once per epoch, checks that the replicas agree, saves resumable states when asked, and
 writes the student checkpoint once, atomically, at the end.
 """
@@ -59,8 +59,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from slimforge.train.config import dump_yaml, to_dict
-    from slimforge.train.data import build_loader, describe, load_splits
+    from slimforge.train.data import build_loader, describe
     from slimforge.train.engine.compression import RecipeRun, calibration_batches
+    from slimforge.train.engine.dataload import load_splits_once
     from slimforge.train.engine.evaluate import evaluate
     from slimforge.train.engine.metrics import ComputeDtypeProbe, MetricsLog, ThroughputMeter
     from slimforge.train.engine.outputs import newest_state, prepare_run_folder
@@ -72,7 +73,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         keep_configured_optimizer,
         match_input_dtype,
     )
-    from slimforge.train.engine.replicas import check_replicas_in_sync
+    from slimforge.train.engine.replicas import check_replicas_in_sync, pool_batch_norm_statistics_
     from slimforge.train.engine.save import save_final
     from slimforge.train.engine.step import DivergenceGuard, train_step
     from slimforge.train.engine.topology import (
@@ -98,9 +99,15 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     )
     set_seed(cfg.train.seed)  # same seed on every rank: identical initial weights before DDP's broadcast
 
-    # Build the models and data before the process group or any output exists: bad data, models, sizes or
-    # checkpoints fail here, on every rank alike. (Hub datasets: `datasets` serialises concurrent downloads.)
-    splits = load_splits(cfg.data)
+    on_gpu = torch.cuda.is_available() and not cfg.train.cpu
+    pin = on_gpu and (cfg.data.pin_memory if cfg.data.pin_memory is not None else True)
+    accelerator = build_accelerator(cfg.train, non_blocking=pin)
+    set_gradient_clipping(accelerator, cfg.optim.grad_clip)
+    keep_configured_optimizer(accelerator)
+    # Build the data and models before any output exists: bad data, models, sizes or checkpoints fail here, on
+    # every rank alike. An image folder is scanned by the first process only. (Hub datasets: `datasets`
+    # serialises concurrent downloads.)
+    splits = load_splits_once(cfg.data, accelerator)
     info = describe(cfg.data)
     shape = (splits.num_classes, info["input_size"], info, splits.class_names)
     student, spec = load_or_build(cfg.model, "model", *shape)
@@ -116,12 +123,6 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         teacher = teacher_view(freeze_(teacher), teacher_spec, info)
     recipe = RecipeRun(cfg.compress, loaded=spec.recipe)  # a loaded student's steps stay first
     recipe.check_model(student)
-
-    on_gpu = torch.cuda.is_available() and not cfg.train.cpu
-    pin = on_gpu and (cfg.data.pin_memory if cfg.data.pin_memory is not None else True)
-    accelerator = build_accelerator(cfg.train, non_blocking=pin)
-    set_gradient_clipping(accelerator, cfg.optim.grad_clip)
-    keep_configured_optimizer(accelerator)
     recipe.check_topology(accelerator)
     if not distill:
         task = build_task(cfg.loss, supervised=True)
@@ -255,6 +256,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             if cfg.train.channels_last:
                 batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
             losses = train_step(accelerator, student, task, optimizer, batch, cfg.optim.grad_clip, guard, step + 1)
+            pool_batch_norm_statistics_(accelerator.unwrap_model(student), accelerator)  # a collective
             meter.step_done(in_hand)
             meter.count(batch["label"].shape[0] * accelerator.num_processes)
             if cfg.train.record_samples:
