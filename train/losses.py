@@ -177,6 +177,24 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (z - mean) / (std + eps)
 
 
+def _dkd_terms(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B]`` per-sample TCKD and NCKD sums (before ``T^2``) of tempered logits ``zs``, ``zt`` for ``labels``."""
+    b, n = zs.shape
+    idx = labels.unsqueeze(1)
+    target = torch.zeros((b, n), dtype=torch.bool, device=zs.device).scatter_(1, idx, True)
+
+    def parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 2]`` log of the binary (target, non-target) probabilities and ``[B, N]`` non-target log-softmax."""
+        masked = z.masked_fill(target, float("-inf"))
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        log_binary = torch.cat([z.gather(1, idx) - lse, torch.logsumexp(masked, dim=-1, keepdim=True) - lse], 1)
+        return log_binary, F.log_softmax(masked, dim=-1)
+
+    bin_s, nt_s = parts(zs)
+    bin_t, nt_t = parts(zt)
+    return _kl_terms(bin_t, bin_s).sum(1), _kl_terms(nt_t, nt_s).sum(1)
+
+
 def dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -197,10 +215,14 @@ def dkd_loss(
     log space; the target class is removed from the non-target softmax by an exact ``-inf`` mask, and terms
     whose teacher probability is 0 contribute exactly 0, so extreme logits give no NaN in values or gradients.
 
+    A soft target (Mixup/CutMix: weight ``lam`` on class a, ``1 - lam`` on b) has no single target class; its
+    sample's terms are the target-weighted sum of the terms each of its classes would give,
+    ``lam * DKD(y=a) + (1 - lam) * DKD(y=b)``, as mixed cross-entropy is ``lam * CE(a) + (1 - lam) * CE(b)``.
+
     Args:
         student_logits: ``[B, N]`` raw student scores, N >= 2.
         teacher_logits: ``[B, N]`` raw teacher scores (treated as constants).
-        labels: ``[B]`` integer class indices.
+        labels: ``[B]`` integer class indices, or ``[B, N]`` soft targets (each row summing to 1).
         temperature: Softmax temperature T.
         alpha: Weight of TCKD.
         beta: Weight of NCKD.
@@ -217,26 +239,23 @@ def dkd_loss(
     b, n = student_logits.shape
     if n < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes (it splits target from non-target); got N={n}")
-    if labels.shape != (b,):
-        raise ValueError(f"dkd_loss needs labels of shape [B]=({b},); got {tuple(labels.shape)}")
+    if labels.shape not in ((b,), (b, n)):
+        raise ValueError(f"dkd_loss needs labels of shape [B]=({b},) or soft targets [B, N]; got {tuple(labels.shape)}")
     t = temperature
     dtype = _compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dtype) / t
     zt = teacher_logits.detach().to(dtype) / t
-    idx = labels.long().unsqueeze(1)
-    target = torch.zeros((b, n), dtype=torch.bool, device=student_logits.device).scatter_(1, idx, True)
-
-    def parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 2]`` log of the binary (target, non-target) probabilities and ``[B, N]`` non-target log-softmax."""
-        masked = z.masked_fill(target, float("-inf"))
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        log_binary = torch.cat([z.gather(1, idx) - lse, torch.logsumexp(masked, dim=-1, keepdim=True) - lse], 1)
-        return log_binary, F.log_softmax(masked, dim=-1)
-
-    bin_s, nt_s = parts(zs)
-    bin_t, nt_t = parts(zt)
-    tckd = _kl_terms(bin_t, bin_s).sum() / b * (t * t)
-    nckd = _kl_terms(nt_t, nt_s).sum() / b * (t * t)
+    if labels.dim() == 1:
+        tckd, nckd = _dkd_terms(zs, zt, labels.long())
+    else:  # every class a row gives weight to, weighted by it (two for Mixup/CutMix)
+        k = int((labels > 0).sum(1).max().clamp_min(1))
+        weights, classes = labels.to(dtype).topk(k, dim=1)
+        tckd = nckd = zs.new_zeros(b)
+        for j in range(k):
+            tc, nc = _dkd_terms(zs, zt, classes[:, j])
+            tckd, nckd = tckd + weights[:, j] * tc, nckd + weights[:, j] * nc
+    tckd = tckd.sum() / b * (t * t)
+    nckd = nckd.sum() / b * (t * t)
     return {"tckd": tckd, "nckd": nckd, "dkd": alpha * tckd + beta * nckd}
 
 

@@ -213,7 +213,9 @@ class DecoupledDistillation(LogitDistillation):
         if self.cfg.standardize:
             logits, teacher_logits = standardize_logits(logits), standardize_logits(teacher_logits)
         c = self.cfg
-        return dkd_loss(logits, teacher_logits, batch["label"], c.temperature, c.dkd_alpha, c.dkd_beta)
+        # Mixup/CutMix: the mixed target, whose classes' terms are weighted by it (not the unmixed label).
+        target = batch.get("target", batch["label"])
+        return dkd_loss(logits, teacher_logits, target, c.temperature, c.dkd_alpha, c.dkd_beta)
 
 
 class StudentWithAdapters(nn.Module):
@@ -234,6 +236,23 @@ class StudentWithAdapters(nn.Module):
         logits = self.student(images)
         feats = self._tap.pop()
         return logits, {name: self.adapters[_key(name)](f) for name, f in feats.items()}
+
+
+def _check_called(names: list[str], role: str, network: nn.Module, feats: dict, called: set[int]) -> None:
+    """Refuses hint layers that exist but whose forward never runs, naming the layers that do run under them.
+
+    A QAT or PTQ step traces the student into a graph (torch.fx) that calls its leaf layers directly: a container
+    such as ``layer3`` is still an attribute, but no longer called, so a hook on it would never fire.
+    """
+    for name in dict.fromkeys(n for n in names if n not in feats):
+        runs = [n for n, m in network.named_modules() if n.startswith(f"{name}.") and id(m) in called]
+        instead = f"the last of the layers under it that run is {runs[-1]!r}" if runs else "no layer under it runs"
+        raise ConfigError(
+            [f"loss.hints[].{role}: layer {name!r} of the {role} is never called in its forward pass (a compression "
+             f"step such as QAT traces a network into a graph that calls its leaf layers only); {instead}"],
+            fix=f"hint a layer that runs (e.g. {runs[-1]!r})" if runs else "hint a layer that runs, or distil with "
+            "hints before the QAT step and quantise with loss.task=kd",
+        )  # fmt: skip
 
 
 def _key(layer: str) -> str:
@@ -269,12 +288,15 @@ class HintDistillation(LogitDistillation):
         teacher = inner_teacher(self.teacher.module)
         self.teacher_tap = FeatureTap(teacher, [h["teacher"] for h in hints], "teacher", "loss.hints[].teacher")
         was_training = student.training
-        with torch.no_grad():
+        called: list[nn.Module] = []
+        with torch.no_grad(), nn.modules.module.register_module_forward_hook(lambda m, i, o: called.append(m)):
             student.eval()
             student(example)
             self.teacher.module(example)
         student.train(was_training)
-        s_feats, t_feats = student_tap.pop(), self.teacher_tap.pop()
+        s_feats, t_feats = student_tap.pop(strict=False), self.teacher_tap.pop(strict=False)
+        for role, network, feats in (("student", student, s_feats), ("teacher", teacher, t_feats)):
+            _check_called([h[role] for h in hints], role, network, feats, {id(m) for m in called})
         adapters = nn.ModuleDict()
         for h in hints:
             s, t = s_feats[h["student"]], t_feats[h["teacher"]]

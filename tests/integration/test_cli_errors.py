@@ -164,6 +164,23 @@ def test_a_sharded_teacher_needs_several_processes(tmp_path, capsys, teacher_ckp
     )
 
 
+def test_hints_on_a_layer_that_qat_no_longer_calls_are_refused_before_training(tmp_path, capsys, teacher_ckpt):
+    """QAT traces the student into a graph that calls leaf layers only: a hint on the container `layer3` would
+    never fire. The run stops before its first step naming a layer that runs, and that layer trains."""
+    argv = ["--config", TINY_DISTILL, f"teacher.checkpoint={teacher_ckpt}", "loss.task=hint", "train.max_steps=1"]
+    argv += ["compress=[{method: qat, calibration_images: 16}]", "data.num_workers=0"]
+    out = tmp_path / "o"
+    code = distill.main([*argv, "loss.hints=[{student: layer3, teacher: layer3}]", f"train.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "loss.hints[].student: layer 'layer3' of the student is never called" in err
+    suggested = err.split("fix: hint a layer that runs (e.g. '")[1].split("'")[0]
+    assert suggested.startswith("layer3.") and not (out / "checkpoint").exists()
+    hint = f"loss.hints=[{{student: {suggested}, teacher: layer3}}]"
+    assert distill.main([*argv, hint, f"train.output_dir={tmp_path / 'ok'}", "train.epochs=1"]) == 0
+    assert (tmp_path / "ok" / "checkpoint").exists()
+
+
 # ---- The real entries as a user runs them, each in a fresh process: one message, exit code 2, nothing written.
 
 
