@@ -7,7 +7,7 @@ projectors of FitNets hints) puts them next to the student in one module, :class
 what Accelerate prepares: the adapters are trained, synchronised, sharded, saved in resumable states and resumed
 with the student, and stripped when the student is saved (:attr:`StudentWithAdapters.student`).
 
-A task is chosen by its registered name, ``loss.task`` (``kd``, ``dkd``, ``hint``); ``train/train.py`` uses
+A task is chosen by its registered name, ``loss.task`` (``kd``, ``dkd``, ``hint``, ``token``); ``train/train.py`` uses
 ``supervised``. Every task receives the whole batch: ``pixel_values`` ``[B, C, H, W]``, ``label`` ``[B]``,
 ``index`` and ``epoch`` ``[B]`` (which sample, which epoch's view: what the cached teacher is keyed by), and with
 Mixup/CutMix ``target`` ``[B, N]`` (soft labels).
@@ -32,11 +32,10 @@ from torch import nn
 
 from slimforge.train.errors import ConfigError
 from slimforge.train.features import FeatureTap
+from slimforge.train.hints import HintProjector, hint_loss
 from slimforge.train.losses import (
-    HintProjector,
     LossConfig,
     dkd_loss,
-    hint_loss,
     kd_loss,
     soft_target_cross_entropy,
     standardize_logits,
@@ -321,6 +320,52 @@ class HintDistillation(LogitDistillation):
             terms[f"hint_{h['student']}"] = term
             total = total + float(h.get("weight", 1.0)) * term
         return total
+
+
+@register_task("token")
+class TokenDistillation(LogitDistillation):
+    """DeiT-style token distillation (Touvron et al., ICML 2021): a student with a distillation token and head
+    (timm ``deit_*_distilled_*``) trains its class head on the labels and its distillation head on the teacher,
+    ``(1 - alpha) * CE(class head) + alpha * D(distillation head)``, D being the cross-entropy with the teacher's
+    argmax (``loss.token: hard``) or ``T^2 KL`` at ``temperature`` (``soft``). The student predicts with the average
+    of both heads (timm's inference path): that is what validation, export and the benchmark see."""
+
+    def wrap_student(self, student: nn.Module, example: torch.Tensor) -> nn.Module:
+        """Switches the student's distilled training on and checks that it returns both heads' logits."""
+        if not hasattr(student, "set_distilled_training"):
+            raise ConfigError(
+                [f"loss.task: token needs a student with a distillation head; {type(student).__name__} has none"],
+                fix="use a distilled timm student (e.g. model.name=deit_tiny_distilled_patch16_224), or loss.task=kd",
+            )
+        student.set_distilled_training(True)
+        was_training = student.training
+        with torch.no_grad():
+            out = student.train()(example)
+        student.train(was_training)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ConfigError(
+                ["loss.task: token: the student returns one output while training, not its two heads' logits (a "
+                 "compression step such as QAT traced it into a graph of its averaged prediction)"],
+                fix="distil with loss.task=token first, then compress that student with loss.task=kd",
+            )  # fmt: skip
+        return student
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Returns ``{"loss", "token", "ce", "logits"}``; ``logits`` is the average of both heads."""
+        class_logits, dist_logits = model(batch["pixel_values"])
+        if self.cfg.token == "soft":
+            token = self.logit_term(dist_logits, batch)["kd"]
+        else:
+            if self.teacher.cached and not self.teacher.complete:
+                values, indices, _ = self.teacher.topk(batch)  # the teacher's top classes: its argmax among them
+                target = indices.gather(1, values.argmax(1, keepdim=True)).squeeze(1).long()
+            else:
+                target = self.teacher.logits(batch).argmax(dim=1)
+            token = F.cross_entropy(dist_logits.float(), target)
+        ce = ce_term(class_logits, batch, self.cfg)
+        total = self.cfg.alpha * token + (1.0 - self.cfg.alpha) * ce
+        logits = (class_logits.detach() + dist_logits.detach()) / 2
+        return {"loss": total, "token": token, "ce": ce, "logits": logits}
 
 
 def build_task(loss: LossConfig, teacher=None, supervised: bool = False):

@@ -154,9 +154,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         student = recipe.prepare(student, example, batches, accelerator.device, teacher, planned_steps)
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    wrapped = hasattr(task, "wrap_student")
-    if wrapped:  # the task's trainable adapters join the student: trained, synced, saved in states, resumed with it
-        student = task.wrap_student(student, torch.zeros(2, *info["input_size"]))
+    if hasattr(task, "wrap_student"):  # hint adapters join the student (trained, synced, saved in states, resumed
+        student = task.wrap_student(student, torch.zeros(2, *info["input_size"]))  # with it); token: both heads on
+    wrapped = isinstance(student, StudentWithAdapters)
     topology = describe_topology(accelerator, cfg)
     lr = scaled_lr(cfg.optim, topology["global_batch"])
     configured = build_optimizer(student, cfg.optim, lr)

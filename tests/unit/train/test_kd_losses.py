@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slimforge.train.hints import HintProjector, hint_loss
 from slimforge.train.losses import (
-    HintProjector,
     dkd_loss,
-    hint_loss,
     kd_loss,
     soft_target_cross_entropy,
     standardize_logits,

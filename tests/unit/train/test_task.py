@@ -155,3 +155,46 @@ def test_hint_config_problems_are_named():
     assert "hints[0].weight" in LossConfig(task="hint", hints=negative).validate()[0]
     with pytest.raises(ConfigError, match="task hint needs at least one"):
         build_task(LossConfig(task="hint"), LiveTeacher(nn.Identity()))
+
+
+def tiny_deit(seed: int = 0) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    kw = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=24, depth=1, num_heads=2)
+    return timm.create_model("deit_tiny_distilled_patch16_224", **kw)
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_token_distillation_trains_each_head_on_its_target_and_predicts_with_their_mean(kind):
+    """Against the loss written out in float64: the class head on the labels, the distillation head on the
+    teacher's argmax (hard) or its T-softened distribution (soft)."""
+    teacher = tiny_convnet(10, 1)
+    cfg = LossConfig(task="token", token=kind, alpha=0.3, temperature=2.0)
+    task = build_task(cfg, LiveTeacher(teacher))
+    b = batch()
+    student = task.wrap_student(tiny_deit(), b["pixel_values"][:2]).train()
+    out = task(student, b)
+    with torch.no_grad():
+        cls, dist = (x.double() for x in student(b["pixel_values"]))
+        t = teacher(b["pixel_values"]).double()
+    ce = F.cross_entropy(cls, b["label"])
+    if kind == "hard":
+        token = F.cross_entropy(dist, t.argmax(1))
+    else:
+        p_t = F.softmax(t / 2.0, 1)
+        token = 4.0 * (p_t * (p_t.log() - F.log_softmax(dist / 2.0, 1))).sum(1).mean()
+    assert out["token"].item() == pytest.approx(token.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((0.3 * token + 0.7 * ce).item(), rel=1e-5)
+    assert torch.allclose(out["logits"].double(), (cls + dist) / 2, atol=1e-6)
+    with torch.no_grad():  # evaluation (and export) sees the same mean of both heads
+        assert torch.allclose(student.eval()(b["pixel_values"]).double(), (cls + dist) / 2, atol=1e-6)
+    out["loss"].backward()
+    assert student.head_dist.weight.grad.abs().sum() > 0 and student.head.weight.grad.abs().sum() > 0
+
+
+def test_token_distillation_needs_a_student_with_a_distillation_head():
+    task = build_task(LossConfig(task="token"), LiveTeacher(tiny_convnet(10, 1)))
+    with pytest.raises(ConfigError, match="needs a student with a distillation head") as info:
+        task.wrap_student(tiny_convnet(10, 1), torch.zeros(2, 1, 16, 16))
+    assert "deit_tiny_distilled_patch16_224" in info.value.fix
