@@ -4,6 +4,7 @@ What the cache holds and how it is read: :mod:`slimforge.train.teacher_cache`.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -39,7 +40,7 @@ def build_cache(cfg) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from slimforge.train.data import ImageSamples, build_loader, describe, load_splits
-    from slimforge.train.engine.evaluate import evaluate
+    from slimforge.train.engine.evaluate import data_for_model, evaluate
     from slimforge.train.engine.topology import build_accelerator
     from slimforge.train.models.load import load_or_build
     from slimforge.train.placement import place_teacher
@@ -47,6 +48,8 @@ def build_cache(cfg) -> dict[str, Any]:
 
     if cfg.teacher is None or not cfg.teacher.checkpoint:
         raise SlimforgeError("caching needs a teacher checkpoint", "set teacher.checkpoint=<teacher run>/checkpoint")
+    # The student's batches, as fit() resolves them (the teacher checkpoint keeps its own input; its view converts).
+    cfg = dataclasses.replace(cfg, data=data_for_model(cfg.data, cfg.model))
     splits = load_splits(cfg.data)
     info = describe(cfg.data)
     k_all = splits.num_classes
