@@ -48,6 +48,27 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def sorted_folder(tmp_path_factory):
+    """An image folder sorted by class as ImageNet's is: train/ (8 images per class) and validation/ (6 per class) of
+    100 classes ``class_000``..``class_099``, 8×8 grayscale; each image's pixels carry its class, so batches can be
+    traced back to classes. Returns its :class:`DataConfig` (identity normalisation: a pixel is its class / 255)."""
+    import numpy as np
+    from PIL import Image
+
+    from slimforge.train.data import DataConfig
+
+    root = tmp_path_factory.mktemp("folder100")
+    for split, n in (("train", 8), ("validation", 6)):
+        for c in range(100):
+            folder = root / split / f"class_{c:03d}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), c, dtype=np.uint8)).save(folder / f"{i}.png")
+    return DataConfig(source="imagefolder", path=str(root), image_size=8, in_chans=1, mean=[0.0], std=[1.0],
+                      batch_size=32)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
 

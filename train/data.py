@@ -19,7 +19,15 @@ import torch
 from slimforge.train.config import at_least
 from slimforge.train.errors import DataError
 from slimforge.train.imagefolder import FolderIndex, folder_datasets, image_features, index_image_folder
-from slimforge.train.views import ImageSamples, build_transform, policy_problems, sample_seed
+from slimforge.train.views import (
+    DEFAULT_IMAGE_SIZE,
+    ImageSamples,
+    build_transform,
+    policy_problems,
+    preprocessing,
+    resolve_preprocessing,
+    sample_seed,
+)
 
 __all__ = ["DataConfig", "ImageSamples", "build_loader", "build_transform", "load_splits", "sample_seed"]
 
@@ -53,12 +61,16 @@ class DataConfig:
     """Fraction of the training split held out for validation (stratified, seeded) when no validation split is used."""
     image_column: str = "image"
     label_column: str = "label"
-    image_size: int = 32
-    """Model input height = width, in pixels."""
+    image_size: int | None = None
+    """Model input height = width, in pixels; null: the model's own (its pretrained weights' ``pretrained_cfg``,
+    or what its checkpoint recorded), else 32. The rule for every preprocessing field (image_size, interpolation,
+    mean, std, crop_pct, crop_mode): a value set here wins, else the model's, else the data's default
+    (docs/data.md, "Each model's own preprocessing")."""
     in_chans: int = 3
     """1 = grayscale, 3 = RGB; images are converted to this mode before the transforms."""
     mean: list[float] | None = None
-    """Normalisation mean per channel; ``None``: the embedded dataset's own, else 0.5 (1 ch) / ImageNet (3 ch)."""
+    """Normalisation mean per channel; null: the model's own (when it has one value per channel), else the embedded
+    dataset's own, else 0.5 (1 ch) / ImageNet (3 ch)."""
     std: list[float] | None = None
     augment: bool = True
     """Random augmentation of the training split (timm ``create_transform``): random-resized crop, flip and the
@@ -90,7 +102,13 @@ class DataConfig:
     """Probability that a sample is mixed at all (with mixup_alpha or cutmix_alpha > 0)."""
     mix_switch_prob: float = 0.5
     """With both on, the probability of CutMix instead of Mixup for a mixed sample."""
-    interpolation: str = "bilinear"
+    interpolation: str | None = None
+    """Resize interpolation (``bilinear``, ``bicubic``, ``nearest``...); null: the model's own, else bilinear."""
+    crop_pct: float | None = None
+    """Evaluation: resize the shorter side to image_size / crop_pct, then center-crop image_size (timm's eval
+    transform); null: the model's own (e.g. 0.875 for many timm models), else 1.0 (the whole image)."""
+    crop_mode: Literal["center", "squash", "border"] | None = None
+    """timm's eval crop mode; null: the model's own, else center."""
     batch_size: int = 64
     """Per-process micro-batch; the global batch is batch_size × processes."""
     eval_batch_size: int = 256
@@ -122,7 +140,7 @@ class DataConfig:
             p.append("path: source 'imagefolder' needs data.path=<root folder of class subfolders>")
         if not 0.0 < self.val_fraction < 1.0:
             p.append(f"val_fraction: {self.val_fraction} must be in (0, 1)")
-        if self.image_size < 1:
+        if self.image_size is not None and self.image_size < 1:
             p.append(f"image_size: {self.image_size} must be a positive number of pixels")
         if self.in_chans not in (1, 3):
             p.append(f"in_chans: {self.in_chans} must be 1 (grayscale) or 3 (RGB)")
@@ -130,6 +148,8 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and len(v) != self.in_chans:
                 p.append(f"{name}: has {len(v)} values but in_chans is {self.in_chans}; give one per channel")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            p.append(f"crop_pct: {self.crop_pct} must be in (0, 1] (the fraction of the resized image kept)")
         if self.std is not None and any(s <= 0 for s in self.std):
             p.append(f"std: {self.std} must be positive")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -209,7 +229,7 @@ def _synthetic(cfg: DataConfig):
     from PIL import Image
 
     rng = np.random.default_rng(cfg.seed)
-    size, k = max(cfg.image_size, 8), cfg.synthetic_classes
+    size, k = max(cfg.image_size or DEFAULT_IMAGE_SIZE, 8), cfg.synthetic_classes
     labels = rng.integers(0, k, cfg.synthetic_samples)
     images = []
     for lab in labels:
@@ -377,12 +397,7 @@ def build_loader(
 
 
 def describe(cfg: DataConfig) -> dict[str, Any]:
-    """The data facts a checkpoint records so the model can be fed without the training config."""
-    mean, std = cfg.normalization()
-    return {
-        "input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
-        "mean": list(mean),
-        "std": list(std),
-        "interpolation": cfg.interpolation,
-        "dataset": dataclasses.asdict(cfg) | {"mean": list(mean), "std": list(std)},
-    }
+    """The data facts a checkpoint records so the model can be fed without the training config: its preprocessing
+    (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``; pass the config
+    :func:`resolve_preprocessing` decided for the model) and the dataset."""
+    return preprocessing(cfg) | {"dataset": dataclasses.asdict(resolve_preprocessing(cfg))}

@@ -1,4 +1,9 @@
-"""What a model sees of one sample: the timm transform, the training augmentation and per-sample mixing.
+"""What a model sees of one sample: its own preprocessing, the timm transform, the training augmentation and
+per-sample mixing.
+
+A model's evaluation transform is its own: a config's preprocessing fields left ``None`` take what the model asks
+for (a timm ``pretrained_cfg``, or what a checkpoint recorded), as timm's ``validate.py`` feeds it
+(:func:`resolve_preprocessing`).
 
 A training sample's view is a pure function of ``(seed, epoch, sample index)``: :class:`ImageSamples` seeds every
 random draw of the transform (Python's, NumPy's and torch's generators) with :func:`sample_seed` and restores the
@@ -9,6 +14,7 @@ the views the student trains on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -16,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from slimforge.train.errors import DataError, first_line
 
 if TYPE_CHECKING:
     from slimforge.train.data import DataConfig
+    from slimforge.train.models import ModelSpec
 
 logger = logging.getLogger(__name__)
 _MAX_SKIPPED_IN_A_ROW = 64
@@ -47,9 +55,96 @@ def policy_problems(policy: str) -> list[str]:
     return []
 
 
+DEFAULT_IMAGE_SIZE = 32
+"""Input height = width when neither the config nor the model says (the embedded 28-px digits, padded)."""
+
+
+def own_preprocessing(model: nn.Module) -> dict[str, Any] | None:
+    """How a timm model asks to be fed: ``resolve_data_config({}, model=model)`` (``input_size``, ``interpolation``,
+    ``mean``, ``std``, ``crop_pct``, ``crop_mode`` from its ``pretrained_cfg``), or ``None`` for a model without one
+    (torchvision, a user factory)."""
+    from timm.data import resolve_data_config
+
+    if not getattr(model, "pretrained_cfg", None):
+        return None
+    return resolve_data_config({}, model=model)
+
+
+def spec_preprocessing(spec: ModelSpec) -> dict[str, Any]:
+    """The preprocessing a checkpoint or an artifact records for its model (:class:`ModelSpec`); a description
+    written before crop_pct was recorded was evaluated with the full image (crop_pct 1.0, center)."""
+    return {
+        "input_size": list(spec.input_size),
+        "interpolation": spec.interpolation,
+        "mean": list(spec.mean) or None,
+        "std": list(spec.std) or None,
+        "crop_pct": spec.crop_pct,
+        "crop_mode": spec.crop_mode,
+    }
+
+
+def resolve_preprocessing(cfg: DataConfig, own: dict[str, Any] | None = None) -> DataConfig:
+    """``cfg`` with every preprocessing field decided: the config's value where it sets one, else the model's own
+    (``own``: :func:`own_preprocessing` of a model with pretrained weights, :func:`spec_preprocessing` of a checkpoint),
+    else the data's default (32 px, bilinear, the dataset's mean/std, the whole image: crop_pct 1.0, center).
+
+    The model's mean/std count only when they have one value per ``cfg.in_chans`` channel (an ImageNet RGB
+    normalisation says nothing about grayscale digits); its input channels never override ``in_chans``.
+
+    Example:
+        >>> from slimforge.train.data import DataConfig
+        >>> own = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+        ...        "crop_pct": 0.9, "crop_mode": "center"}
+        >>> c = resolve_preprocessing(DataConfig(in_chans=3, crop_pct=1.0), own)
+        >>> c.image_size, c.interpolation, c.crop_pct, c.mean
+        (224, 'bicubic', 1.0, [0.5, 0.5, 0.5])
+    """
+    own = own or {}
+    size = own.get("input_size")
+    taken = {
+        "image_size": int(size[-1]) if size and size[-1] == size[-2] else None,
+        "interpolation": own.get("interpolation"),
+        "crop_pct": own.get("crop_pct"),
+        "crop_mode": own.get("crop_mode"),
+    }
+    for key in ("mean", "std"):
+        values = own.get(key)
+        taken[key] = [float(v) for v in values] if values is not None and len(values) == cfg.in_chans else None
+    if cfg.mean is not None or cfg.std is not None:  # a normalisation is a pair: a config's half is not mixed
+        taken["mean"] = taken["std"] = None
+    out = dataclasses.replace(cfg, **{k: v for k, v in taken.items() if getattr(cfg, k) is None})
+    mean, std = out.normalization()  # the dataset's, where neither the config nor the model says
+    return dataclasses.replace(
+        out,
+        image_size=out.image_size or DEFAULT_IMAGE_SIZE,
+        interpolation=out.interpolation or "bilinear",
+        mean=list(mean),
+        std=list(std),
+        crop_pct=1.0 if out.crop_pct is None else out.crop_pct,
+        crop_mode=out.crop_mode or "center",
+    )
+
+
+def preprocessing(cfg: DataConfig) -> dict[str, Any]:
+    """What a model is fed, as a checkpoint records it: ``input_size`` ``[C, H, W]``, ``interpolation``, ``mean``,
+    ``std``, ``crop_pct``, ``crop_mode`` (of :func:`resolve_preprocessing`'s config, or the data's defaults)."""
+    c = resolve_preprocessing(cfg)
+    return {
+        "input_size": [c.in_chans, c.image_size, c.image_size],
+        "interpolation": c.interpolation,
+        "mean": list(c.mean),
+        "std": list(c.std),
+        "crop_pct": c.crop_pct,
+        "crop_mode": c.crop_mode,
+    }
+
+
 def build_transform(cfg: DataConfig, is_training: bool):
     """timm's train/eval transform for ``cfg`` (PIL image → normalised ``[C, H, W]`` float tensor).
 
+    Evaluation: resize the shorter side to ``image_size / crop_pct`` and center-crop ``image_size`` (timm's
+    ``transforms_imagenet_eval``, as timm's ``validate.py`` does), with the config's interpolation and normalisation;
+    fields left ``None`` take the data's defaults (:func:`resolve_preprocessing` without a model).
     Training with ``augment``: random-resized crop (``crop_scale``, ``crop_ratio``), flip, colour jitter or an
     auto-augment policy, random erasing (timm ``create_transform``), preceded by translation jitter when asked.
     Every random draw comes from Python's ``random``, NumPy's or torch's global generator, which
@@ -57,11 +152,11 @@ def build_transform(cfg: DataConfig, is_training: bool):
     """
     from timm.data import create_transform
 
-    mean, std = cfg.normalization()
+    cfg = resolve_preprocessing(cfg)
     kwargs: dict[str, Any] = dict(
         input_size=(cfg.in_chans, cfg.image_size, cfg.image_size),
-        mean=mean,
-        std=std,
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
         interpolation=cfg.interpolation,
     )
     if is_training and cfg.augment:
@@ -69,7 +164,7 @@ def build_transform(cfg: DataConfig, is_training: bool):
         kwargs.update(color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment)
         kwargs.update(re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=1)
     else:
-        kwargs.update(is_training=False, crop_pct=1.0)
+        kwargs.update(is_training=False, crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode)
     transform = create_transform(**kwargs)
     if is_training and cfg.augment and cfg.translate > 0:
         from torchvision import transforms as T

@@ -4,6 +4,7 @@ place. What the cache holds: :mod:`slimforge.train.teacher_cache`; its files: :m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -50,7 +51,7 @@ def build_cache(cfg) -> dict[str, Any]:
     """
     from slimforge.train.data import ImageSamples, build_loader, describe
     from slimforge.train.engine.dataload import load_splits_once
-    from slimforge.train.engine.evaluate import evaluate
+    from slimforge.train.engine.evaluate import data_for_model, evaluate
     from slimforge.train.engine.topology import build_accelerator
     from slimforge.train.models.load import load_or_build
     from slimforge.train.placement import place_teacher
@@ -59,6 +60,8 @@ def build_cache(cfg) -> dict[str, Any]:
     if cfg.teacher is None or not cfg.teacher.checkpoint:
         raise SlimforgeError("caching needs a teacher checkpoint", "set teacher.checkpoint=<teacher run>/checkpoint")
     accelerator = build_accelerator(cfg.train)
+    # The student's batches, as fit() resolves them (the teacher checkpoint keeps its own input; its view converts).
+    cfg = dataclasses.replace(cfg, data=data_for_model(cfg.data, cfg.model))
     splits = load_splits_once(cfg.data, accelerator)
     info = describe(cfg.data)
     k_all = splits.num_classes

@@ -62,7 +62,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from slimforge.train.data import build_loader, describe
     from slimforge.train.engine.compression import RecipeRun, calibration_batches
     from slimforge.train.engine.dataload import load_splits_once
-    from slimforge.train.engine.evaluate import evaluate
+    from slimforge.train.engine.evaluate import data_for_model, evaluate
     from slimforge.train.engine.metrics import ComputeDtypeProbe, MetricsLog, ThroughputMeter
     from slimforge.train.engine.outputs import newest_state, prepare_run_folder
     from slimforge.train.engine.precision import (
@@ -106,7 +106,10 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     keep_configured_optimizer(accelerator)
     # Build the data and models before any output exists: bad data, models, sizes or checkpoints fail here, on
     # every rank alike. An image folder is scanned by the first process only. (Hub datasets: `datasets`
-    # serialises concurrent downloads.)
+    # serialises concurrent downloads.) Preprocessing fields the config leaves null take the student's own (its
+    # checkpoint's record, or its pretrained weights' pretrained_cfg): from here on cfg.data is concrete, and the
+    # checkpoint records it.
+    configured, cfg = cfg.data, dataclasses.replace(cfg, data=data_for_model(cfg.data, cfg.model))
     splits = load_splits_once(cfg.data, accelerator)
     info = describe(cfg.data)
     shape = (splits.num_classes, info["input_size"], info, splits.class_names)
@@ -116,7 +119,10 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     if distill and cached:
         teacher_spec = described_teacher(cfg.teacher, splits.class_names)  # no teacher runs: its record suffices
     elif distill:
-        teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *shape)
+        # A teacher gets its own preprocessing too (a checkpoint keeps its recorded one); the task converts batches.
+        t_info = describe(data_for_model(configured, cfg.teacher))
+        t_shape = (splits.num_classes, t_info["input_size"], t_info, splits.class_names)
+        teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *t_shape)
         # Frozen before compression steps see it: a Taylor ranking or calibration pass must not update its
         # batch-norm statistics or compute with batch statistics. Then put behind the conversion to the input it
         # was trained on (size, channels, normalisation), when the student's data differ.
