@@ -109,7 +109,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     # serialises concurrent downloads.) Preprocessing fields the config leaves null take the student's own (its
     # checkpoint's record, or its pretrained weights' pretrained_cfg): from here on cfg.data is concrete, and the
     # checkpoint records it.
-    configured, cfg = cfg.data, dataclasses.replace(cfg, data=data_for_model(cfg.data, cfg.model))
+    as_configured, cfg = cfg.data, dataclasses.replace(cfg, data=data_for_model(cfg.data, cfg.model))
     splits = load_splits_once(cfg.data, accelerator)
     info = describe(cfg.data)
     shape = (splits.num_classes, info["input_size"], info, splits.class_names)
@@ -120,7 +120,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         teacher_spec = described_teacher(cfg.teacher, splits.class_names)  # no teacher runs: its record suffices
     elif distill:
         # A teacher gets its own preprocessing too (a checkpoint keeps its recorded one); the task converts batches.
-        t_info = describe(data_for_model(configured, cfg.teacher))
+        t_info = describe(data_for_model(as_configured, cfg.teacher))
         t_shape = (splits.num_classes, t_info["input_size"], t_info, splits.class_names)
         teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *t_shape)
         # Frozen before compression steps see it: a Taylor ranking or calibration pass must not update its
