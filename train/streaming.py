@@ -26,6 +26,7 @@ Per epoch, as a pure function of ``(seed, epoch)``, the ranks and the workers pe
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ from slimforge.train.views import ImageSamples
 
 if TYPE_CHECKING:
     from slimforge.train.data import DataConfig
+
+logger = logging.getLogger(__name__)
 
 
 class _Held:
@@ -196,6 +199,13 @@ def build_stream_loader(ds, cfg: DataConfig, seed: int, pin_memory: bool = False
     already this rank's own (the engine moves them to the device without Accelerate's sharding)."""
     rank, ranks = world()
     stream = ShardStream(ds, cfg, seed, cfg.batch_size, rank, ranks)
+    readers = ranks * max(cfg.num_workers, 1)
+    if len(stream.shards) < readers:
+        logger.warning(
+            "%d training shards for %d readers (%d ranks x %d workers): every reader reads every shard and keeps "
+            "every %d-th sample; write at least %d shards to read each once",
+            len(stream.shards), readers, ranks, max(cfg.num_workers, 1), readers, readers,
+        )  # fmt: skip
     return torch.utils.data.DataLoader(
         stream,
         batch_size=cfg.batch_size,
