@@ -88,7 +88,7 @@ SF_FOLDER = (
 import sys, time
 from slimforge.train.data import DataConfig, build_loader, load_splits
 root, batch, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-cfg = DataConfig(source="imagefolder", path=f"{root}/folder", val_fraction=0.02, image_size=224, in_chans=3,
+cfg = DataConfig(source="imagefolder", path=f"{root}/folder", val_fraction=0.1, image_size=224, in_chans=3,
                  batch_size=batch, num_workers=workers, persistent_workers=False)
 loader = build_loader(load_splits(cfg).train, cfg, is_training=True)
 t, c = time.perf_counter(), cpu()

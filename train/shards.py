@@ -191,14 +191,30 @@ def _cache_file(paths: list[str], class_names: list[str], label_key: str) -> Pat
 
 def index_shards(paths: list[str], class_names: list[str], label_key: str = "label") -> ShardIndex:
     """The :class:`ShardIndex` of ``paths``: read from the cache beside the shards when it matches them, else built
-    by reading every shard's headers (and written there when the folder is writable).
+    by reading every shard's headers and written there. Under a launcher one process builds it while the others
+    wait for it (a file lock beside the shards); a folder that cannot be written is indexed by every process.
 
     Raises:
         DataError: a shard cannot be read, is empty, or holds a sample without an image or label, or whose class
             is not in ``class_names``.
     """
+    from filelock import FileLock
+
     cache = _cache_file(paths, class_names, label_key)
-    if cache.is_file():
+    try:
+        lock = FileLock(str(cache.with_suffix(".lock")))
+        lock.acquire()
+    except OSError as e:
+        logger.info("shard index not cached (%s): every launch indexes the shards again", e)
+        return _build_index(paths, class_names, label_key, None)
+    try:
+        return _build_index(paths, class_names, label_key, cache)
+    finally:
+        lock.release()
+
+
+def _build_index(paths: list[str], class_names: list[str], label_key: str, cache: Path | None) -> ShardIndex:
+    if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             return ShardIndex(list(paths), z["shard"], z["offset"], z["size"], z["label"])
     label_of = {name: i for i, name in enumerate(class_names)}
@@ -210,13 +226,14 @@ def index_shards(paths: list[str], class_names: list[str], label_key: str = "lab
         np.concatenate([np.asarray(s, dtype=np.int64) for _, s, _ in parts]),
         np.concatenate([np.asarray(lab, dtype=np.int64) for _, _, lab in parts]),
     )
-    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
-    try:  # atomic: concurrent ranks each write their own temporary file and rename it
-        np.savez(tmp, shard=index.shard, offset=index.offset, size=index.size, label=index.label)
-        os.replace(tmp, cache)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        logger.info("shard index not cached (%s): every launch indexes the shards again", e)
+    if cache is not None:
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+        try:  # a complete file or none: written aside, then renamed
+            np.savez(tmp, shard=index.shard, offset=index.offset, size=index.size, label=index.label)
+            os.replace(tmp, cache)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            logger.info("shard index not cached (%s): every launch indexes the shards again", e)
     return index
 
 
