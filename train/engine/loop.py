@@ -76,6 +76,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from slimforge.train.engine.replicas import check_replicas_in_sync, pool_batch_norm_statistics_
     from slimforge.train.engine.save import save_final
     from slimforge.train.engine.step import DivergenceGuard, train_step
+    from slimforge.train.engine.streams import is_stream, resume_loader, stream_on_rank
     from slimforge.train.engine.topology import (
         build_accelerator,
         describe_topology,
@@ -152,8 +153,10 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     prepare_run_folder(accelerator, out, cfg.train.overwrite)  # rank 0 decides, every rank follows
     train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed, pin_memory=pin)
     # The update count for compression schedules that end with the run, before Accelerate shards the loader: each
-    # rank will iterate len // processes batches of this drop_last loader (checked against the sharded one below).
-    planned_steps = _update_count(len(train_loader) // accelerator.num_processes, cfg.train)
+    # rank will iterate len // processes batches of this drop_last loader (checked against the sharded one below);
+    # a stream (webdataset) is this rank's already.
+    streamed = is_stream(train_loader)
+    planned_steps = _update_count(len(train_loader) // (1 if streamed else accelerator.num_processes), cfg.train)
     if recipe:  # compression acts on the bare model, before any wrapper
         example = torch.zeros(1, *info["input_size"])
         batches = calibration_batches(splits.train, cfg.data)
@@ -170,7 +173,13 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     deepspeed_autocast(accelerator)  # DeepSpeed bf16 trains as DDP's autocast does
     fsdp_autocast(accelerator)  # so does FSDP: FP32 parameters (batch norms too) under the autocast
     buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics in fp16 too
-    student, optimizer, train_loader, val_loader = accelerator.prepare(student, configured, train_loader, val_loader)
+    if streamed:
+        train_loader = stream_on_rank(train_loader, accelerator, cfg.data.batch_size)
+        student, optimizer, val_loader = accelerator.prepare(student, configured, val_loader)
+    else:
+        student, optimizer, train_loader, val_loader = accelerator.prepare(
+            student, configured, train_loader, val_loader
+        )
     topology.update(describe_numerics(accelerator, student, optimizer, configured, cfg.train.mixed_precision))
 
     def bare() -> nn.Module:
@@ -204,6 +213,8 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
 
     position = {"step": 0, "epoch": 0, "batch": 0}
     run_print = fingerprint(cfg, accelerator)
+    if streamed:  # a stream's order depends on its readers, ranks x workers: resuming needs the same workers
+        run_print["data.num_workers"] = cfg.data.num_workers
     resumed = None
     if cfg.train.resume and not cfg.train.overwrite:
         newest = newest_state(accelerator, out / "state")  # rank 0's choice, seen by every rank
@@ -246,7 +257,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         student.train()
         train_loader.set_epoch(epoch)
         skip = position["batch"] if epoch == position["epoch"] else 0
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        loader = resume_loader(accelerator, train_loader, skip)
         seen.append([])
         bar = tqdm(
             loader,
