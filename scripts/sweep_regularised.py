@@ -53,11 +53,12 @@ def run(args: list[str]) -> None:
         sys.exit(f"failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
 
 
-def train(out: Path, model: list[str], steps: int, samples: int, compress: str = "[]") -> Path:
+def train(out: Path, model: list[str], args: argparse.Namespace, compress: str = "[]") -> Path:
     if not (out / "checkpoint" / "slimforge.json").exists():
         run([sys.executable, "train/train.py", "--config", "configs/debug/tiny_train.yaml", *model,
-             "data.image_size=32", f"data.max_train_samples={samples}", "data.max_val_samples=128",
-             "train.epochs=100", f"train.max_steps={steps}", "train.tensorboard=false", "train.overwrite=true",
+             "data.image_size=32", f"data.max_train_samples={args.train_samples}",
+             f"data.max_val_samples={args.val_images}", "train.epochs=100", f"train.max_steps={args.steps}",
+             "train.tensorboard=false", "train.overwrite=true",
              f"train.output_dir={out}", f"compress={compress}"])  # fmt: skip
     return out / "checkpoint"
 
@@ -93,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         out = ROOT / args.out / name
         model = [f"model.name={name}", f"model.kwargs={MODELS[name]}"]
-        fp32 = train(out / "fp32", model, args.steps, args.train_samples)
+        fp32 = train(out / "fp32", model, args)
         from_fp32 = [f"model.checkpoint={fp32}", "model.name=null"]
         half = args.steps // 2
-        qat = train(out / "qat", from_fp32, args.steps, args.train_samples, STEPS["qat"] % (half, half))
+        qat = train(out / "qat", from_fp32, args, STEPS["qat"] % (half, half))
         same, qat_accuracy = evaluations_identical(qat, args.val_images)
         int8 = export(qat, out / "qat_export", ["onnx-qdq"], args.val_images)["artifacts"][0]
         row = {
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "int8_mac_fraction": int8.get("int8_mac_fraction"),
         }
         for method in ("prune", "lowrank"):
-            ckpt = train(out / method, from_fp32, args.steps, args.train_samples, STEPS[method])
+            ckpt = train(out / method, from_fp32, args, STEPS[method])
             report = export(ckpt, out / f"{method}_export", ["onnx"], args.val_images)["artifacts"][0]
             row[f"{method}_export_passed"] = report["passed"]
             row[f"{method}_onnx_rel_diff"] = report["parity"]["rel_diff"]
