@@ -1,16 +1,24 @@
 """The graph pass that makes a float CNN fake-quantised, with quantizers exactly where the runtime fuses int8 kernels.
 
-The model is traced with ``torch.fx`` (convolutions, linears, norms, activations and pools are leaves), then:
+The model is traced with ``torch.fx`` in evaluation mode (convolutions, linears, norms, activations, pools and the
+regularisers — dropout, drop-path, stochastic depth — are leaves; :mod:`slimforge.compress.quantize._trace`), then:
 
 1. every ``Conv2d`` followed by a ``BatchNorm2d`` becomes one :class:`QuantConv2d` (batch norm folded in), every
    other ``Conv2d`` a :class:`QuantConv2d` without one, every ``Linear`` a :class:`QuantLinear`;
 2. an :class:`ActivationQuantizer` goes on every tensor that enters an int8 operation (convolution, linear, add,
    mul, concat, average pooling, sigmoid) and on every such operation's output — after a following ReLU/ReLU6
    when activations are uint8, which the runtime folds into the quantised operation;
-3. data-movement operations (max pooling, flatten, reshape, dropout) reuse their input's quantizer, so the runtime
-   drops the Q/DQ pair around them instead of converting to float and back;
+3. data-movement operations (max pooling, flatten, reshape) reuse their input's quantizer, so the runtime drops
+   the Q/DQ pair around them instead of converting to float and back; a regulariser passes on its input's
+   quantizer untouched (it is the identity in evaluation and export, and scaling a tensor by ``1 / keep`` while
+   training would clip it in a reused range);
 4. SiLU becomes ``x * sigmoid(x)``, both halves quantised, which ONNX Runtime runs as QLinearSigmoid + QLinearMul
    (left whole it stays a float Sigmoid and Mul between Q/DQ pairs: EfficientNet-B0 ran 1.3× slower that way).
+
+Parameters that enter such an operation as if they were activations (a layer scale ``gamma``, a position
+embedding, a class token) and shape arithmetic (``x.shape[2] * x.shape[3]``) get no quantizer: the parameter stays
+float and is listed in the record's ``float_parameters`` (a per-tensor uint8 range over a layer scale of 1e-6
+rounds it to 0), and the operation runs as a float kernel between Q/DQ pairs.
 
 This is the placement ONNX Runtime's QDQ fusion needs: an operation runs as an integer kernel only when each of
 its inputs arrives through a DequantizeLinear and its output leaves through a QuantizeLinear. Quantising only
