@@ -54,7 +54,7 @@ def _entry(name: str) -> str:
 
 def _launcher() -> list[str]:
     accelerate = Path(sys.executable).parent / "accelerate"
-    return [str(accelerate)] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    return [str(accelerate), "launch"] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def _free_port() -> int:
