@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from slimforge.export.searching.config import SearchConfig, student_model
 from slimforge.export.searching.stages import Stage, StageError, StageStore, checkpoint_digest, log_tail, run_command
 
@@ -121,6 +119,8 @@ class Chain:
         inputs = {"run": anon, "launch": dataclasses.asdict(self.cfg.launch) | {"timeout_s": None}}
 
         def build(folder: Path) -> dict[str, Any]:
+            import yaml
+
             (folder / "run.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
             cmd = self.launch_command(folder / "run.yaml", folder / "run")
             rc = run_command(cmd, folder, self.cfg.launch.timeout_s, label)

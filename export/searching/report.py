@@ -7,18 +7,20 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
-import optuna
-from optuna.trial import TrialState
+from typing import TYPE_CHECKING, Any
 
 from slimforge.export.searching.config import SearchConfig
 from slimforge.export.searching.study import counted
+
+if TYPE_CHECKING:
+    import optuna
 
 REPORT = "search_report.json"
 
 
 def _row(t: optuna.trial.FrozenTrial, cfg: SearchConfig) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
     r = t.user_attrs.get("result") or {}
     killed = t.state == TrialState.FAIL and not counted(t)
     row = {
@@ -79,6 +81,8 @@ def _untmp(cmd: str, digest: str) -> str:
 
 def write_report(study: optuna.Study, cfg: SearchConfig) -> dict[str, Any]:
     """Writes the report files into ``cfg.output_dir`` (atomically each) and returns the report."""
+    from optuna.trial import TrialState
+
     folder = Path(cfg.output_dir)
     rows = [_row(t, cfg) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
     front = _front(rows)

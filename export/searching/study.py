@@ -31,14 +31,15 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import optuna
-from optuna.trial import TrialState
+from typing import TYPE_CHECKING, Any
 
 from slimforge.export.searching.chain import EXPORT_FORMAT, Chain, Recipe
 from slimforge.export.searching.config import SearchConfig, SpaceConfig
 from slimforge.export.searching.stages import StageError, StageStore, _pid_alive
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import TrialState
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ STALE_S = 120.0
 
 
 def open_study(cfg: SearchConfig) -> optuna.Study:
-    """Creates or joins the study of ``cfg`` in its storage."""
+    """Creates or joins the study of ``cfg`` in its storage (optuna is imported here: only the search needs it)."""
+    import optuna
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -88,6 +90,8 @@ def suggest(trial: optuna.Trial, space: SpaceConfig) -> Recipe:
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a trial counts against ``trials.count``: every trial but a killed one (FAIL without a status)."""
+    from optuna.trial import TrialState
+
     if trial.state == TrialState.FAIL:
         return "status" in trial.user_attrs
     return trial.state != TrialState.WAITING
@@ -131,6 +135,7 @@ def fail_stale(study: optuna.Study, folder: Path) -> list[int]:
     """Sets FAIL every running trial whose worker is gone and queues its recipe again. Returns their numbers."""
     from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
     from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
 
     host, now, failed = socket.gethostname(), time.time(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -192,6 +197,8 @@ def work(cfg: SearchConfig) -> int:
 
 def run_trial(trial: optuna.Trial, chain: Chain, cfg: SearchConfig, study: optuna.Study) -> tuple[TrialState, Any]:
     """One trial's chain at the short fidelity, then the long one if it can still reach the front."""
+    from optuna.trial import TrialState
+
     recipe = suggest(trial, cfg.space)
     chain.reset()
     folder = Path(cfg.output_dir) / "trials" / str(trial.number)
