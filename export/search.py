@@ -28,16 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from slimforge.export.searching.config import SearchConfig
-    from slimforge.export.searching.report import REPORT, write_report
+    from slimforge.export.searching.report import REPORT, write_config, write_report
     from slimforge.export.searching.study import open_study, work
-    from slimforge.train.config import dump_yaml, load_config
+    from slimforge.train.config import load_config
     from slimforge.train.errors import SlimforgeError, check_writable, report_error
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(SearchConfig, args.config, args.overrides)
         check_writable(cfg.output_dir, "output_dir")
-        dump_yaml(cfg, f"{cfg.output_dir}/search_config.yaml")
+        write_config(cfg)
         if not args.report_only:
             work(cfg)
         report = write_report(open_study(cfg), cfg)

@@ -156,6 +156,16 @@ def markdown(front: list[dict[str, Any]], report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_config(cfg: SearchConfig) -> None:
+    """Writes the resolved config to ``output_dir/search_config.yaml`` (atomically; workers may write it at once)."""
+    import yaml
+
+    from slimforge.train.config import to_dict
+
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    _atomic(Path(cfg.output_dir) / "search_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
 def _atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
