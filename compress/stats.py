@@ -18,17 +18,6 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def _cpu_attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:  # shapes, not tensors
-    """FLOPs of CPU scaled-dot-product attention (q·kᵀ and attention·v), by torch's formula for the GPU kernels."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query, key, value)
-
-
-# torch's flop counter knows the GPU attention kernels only: the CPU one (what timm's ViTs call on a CPU) counted 0.
-_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
-
-
 def count_macs(model: nn.Module, input_size: tuple[int, ...] | list[int]) -> int:
     """Multiply-accumulates of one forward pass at batch 1.
 
@@ -45,7 +34,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] | list[int]) -> int
     was_training = model.training
     model.eval()
     try:
-        counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
+        counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(torch.zeros(1, *input_size, device=device))
     finally:

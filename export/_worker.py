@@ -1,9 +1,8 @@
 """Measures one benchmark row in a fresh process: ``python -m slimforge.export._worker JOB.json``.
 
-The job file names the runtime, the artifact, a ``.npy`` of a few preprocessed images for the timing series, the
-validation selection to stream through it for accuracy (dataset, ``max_images``, model description), the timing
-settings and where to write the result (or, with ``"kind": "peaks"``, the arguments of the matmul peak
-measurement). The result is :func:`slimforge.export.measure.measure_artifact`'s dict, or ``{"error", "fix"}``;
+The job file names the runtime, the artifact, a ``.npy`` of preprocessed images, the timing settings and where
+to write the result (or, with ``"kind": "peaks"``, the arguments of the matmul peak measurement). The result is
+:func:`slimforge.export.measure.measure_artifact`'s dict, or ``{"error", "fix"}``;
 a process that dies without writing one (a segfault in a native runtime) is reported by the parent from its exit
 status and stderr. Not a user entry point: :mod:`slimforge.export.benchmarking` starts it.
 """
@@ -14,24 +13,8 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
-import torch
-
-
-def validation_batches(job: dict[str, Any], batch_size: int) -> Callable[[], Iterator[torch.Tensor]]:
-    """The accuracy pass's batches: the parent's validation selection (the same dataset, ``max_images`` and seed
-    give the same images in the same order), preprocessed for the job's model, streamed."""
-    from slimforge.export.evaldata import ValidationSet
-    from slimforge.train.config import from_dict
-    from slimforge.train.data import DataConfig
-    from slimforge.train.models import ModelSpec
-
-    val = ValidationSet(from_dict(DataConfig, job["data"]), job["max_images"])
-    spec = ModelSpec.from_dict(job["spec"])
-    return lambda: val.batches(spec, batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
             write_json(job["result"], measure_peaks(**job["peaks"]))
             return 0
-        images = np.load(job["images"])  # [n, C, H, W] timing images: in memory before the memory probe starts
+        images = np.load(job["images"])  # [N, C, H, W]: in memory before the memory probe starts
         timing = TimingConfig(**job["timing"])
-        batches = validation_batches(job["validation"], timing.eval_batch_size)
-        result = measure_artifact(job["runtime"], job["artifact"], images, timing, job.get("allow_factory"), batches)
+        result = measure_artifact(job["runtime"], job["artifact"], images, timing, job.get("allow_factory", False))
     except SlimforgeError as e:
         result = {"error": e.problem, "fix": e.fix}
     except Exception as e:  # report it as this row's error; the traceback goes to stderr for -v

@@ -56,12 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=t.warmup, help="untimed runs before each series (%(default)s)")
     p.add_argument("--throughput-runs", type=int, default=t.throughput_runs, help="timed runs per batch size")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads of every runtime (all cores)")
-    p.add_argument(
-        "--max-images",
-        type=int,
-        default=d.max_images,
-        help="accuracy on a seeded class-stratified sample of N validation images (default: all of them)",
-    )
+    p.add_argument("--max-images", type=int, default=d.max_images, help="validation images (%(default)s)")
     p.add_argument(
         "--accuracy-budget",
         type=float,

@@ -2,10 +2,8 @@
 
 A training checkpoint records the :class:`~slimforge.train.data.DataConfig` it was trained on
 (``meta["extra"]["data"]``), so export and benchmark load *real* validation images without the training config.
-Each model gets the images through its own eval transform (input size, channels, crop, interpolation and
-normalisation its :class:`ModelSpec` recorded), while the sample order is shared, so a student and its teacher are
-compared image by image. :meth:`ValidationSet.batches` streams them batch by batch (the whole ImageNet validation
-split at 224 px would be 30 GB of floats); :meth:`ValidationSet.images_for` holds them all (parity checks, samples).
+Each model gets the images through its own eval transform (input size, channels and normalisation from its
+:class:`ModelSpec`), while the sample order is shared, so a student and its teacher are compared image by image.
 
 Example:
     >>> from slimforge.train.checkpoint import load_checkpoint
@@ -23,7 +21,6 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,7 +30,6 @@ from slimforge.train.data import DataConfig, Splits, load_splits, with_transform
 from slimforge.train.errors import DataError
 from slimforge.train.models import ModelSpec
 from slimforge.train.sampling import class_coverage, stratified_indices
-from slimforge.train.views import resolve_preprocessing, spec_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +85,6 @@ class ValidationSet:
         if split not in ("val", "train"):
             raise ValueError(f"split must be 'val' or 'train', got {split!r}")
         self.cfg = cfg
-        self.max_images = max_images
         splits = _splits(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
         samples = getattr(splits, split)
         n = len(samples) if max_images is None else min(max_images, len(samples))
@@ -108,47 +103,21 @@ class ValidationSet:
         return len(self.labels)
 
     def config_for(self, spec: ModelSpec) -> DataConfig:
-        """The eval-time data config that feeds ``spec`` as it recorded: input size, channels, interpolation,
-        normalisation, crop (:func:`slimforge.train.views.spec_preprocessing`); the data's defaults where it
-        recorded none."""
+        """The eval-time data config that feeds ``spec``'s input size, channels and normalisation."""
         c, h, w = spec.input_size
         if h != w:
             raise DataError(f"model {spec.name} takes {h}x{w} images; slimforge data is square", "use square inputs")
-        own = spec_preprocessing(spec)
-        fields = {k: v for k, v in own.items() if k != "input_size" and v is not None}
-        return resolve_preprocessing(dataclasses.replace(self.cfg, **fields, image_size=h, in_chans=c))
-
-    def _check(self, spec: ModelSpec) -> DataConfig:
-        if spec.num_classes != len(self.class_names):
-            raise DataError(
-                f"model {spec.name} has {spec.num_classes} classes, the validation data has {len(self.class_names)}",
-                "evaluate on the dataset the model was trained on (--data key=value overrides)",
-            )
-        return self.config_for(spec)
-
-    def batches(self, spec: ModelSpec, batch_size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
-        """The images in order, preprocessed the way ``spec`` recorded, ``batch_size`` at a time: only one batch is
-        held, however large the split.
-
-        Args:
-            spec: The model the images are for.
-            batch_size: Images per batch (the last one may be smaller).
-            limit: Stop after this many images; ``None``: all of them.
-
-        Yields:
-            ``[B, C, H, W]`` float32, normalised.
-
-        Raises:
-            DataError: the model's classes do not match the dataset's.
-        """
-        ds = with_transform(self.split, self._check(spec), is_training=False)
-        n = len(ds) if limit is None else min(limit, len(ds))
-        for i in range(0, n, batch_size):
-            yield torch.stack(ds[i : min(i + batch_size, n)]["pixel_values"]).float().contiguous()
+        return dataclasses.replace(
+            self.cfg,
+            image_size=h,
+            in_chans=c,
+            mean=list(spec.mean) or None,
+            std=list(spec.std) or None,
+            interpolation=spec.interpolation or self.cfg.interpolation,
+        )
 
     def images_for(self, spec: ModelSpec) -> torch.Tensor:
-        """All images, preprocessed the way ``spec`` recorded (kept for the next call with the same preprocessing):
-        for the checks that read a few hundred images; the benchmark streams :meth:`batches`.
+        """All images, preprocessed the way ``spec`` was trained.
 
         Returns:
             ``[N, C, H, W]`` float32, normalised.
@@ -156,8 +125,16 @@ class ValidationSet:
         Raises:
             DataError: the model's classes do not match the dataset's.
         """
-        key = json.dumps(dataclasses.asdict(self._check(spec)), sort_keys=True)
+        if spec.num_classes != len(self.class_names):
+            raise DataError(
+                f"model {spec.name} has {spec.num_classes} classes, the validation data has {len(self.class_names)}",
+                "evaluate on the dataset the model was trained on (--data key=value overrides)",
+            )
+        cfg = self.config_for(spec)
+        key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
         if key not in self._cache:
-            self._cache[key] = torch.cat(list(self.batches(spec, _CHUNK)))
-            logger.debug("prepared %d validation images %s", len(self), list(self._cache[key].shape[1:]))
+            ds = with_transform(self.split, cfg, is_training=False)
+            chunks = [torch.stack(ds[i : i + _CHUNK]["pixel_values"]) for i in range(0, len(ds), _CHUNK)]
+            self._cache[key] = torch.cat(chunks).float().contiguous()
+            logger.debug("prepared %d validation images %s", len(ds), list(self._cache[key].shape[1:]))
         return self._cache[key]

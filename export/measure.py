@@ -18,11 +18,8 @@ and ``min_round_s`` per batch size of the sweep (real images, repeated when the 
 Memory: the peak resident set (``VmHWM``) is reset just before the artifact is loaded (``/proc/self/clear_refs``,
 Linux) and read after the last timed call, so ``rss_increase_mb`` is what loading, compiling and running this
 artifact at every batch size of the sweep added to a process that already held Python, the libraries and the
-timing images. Where the reset is refused, the process's lifetime peak is reported instead and the method says so.
+images. Where the reset is refused, the process's lifetime peak is reported instead and the method says so.
 On a GPU, PyTorch runtimes also report ``torch.cuda.max_memory_allocated``.
-
-Accuracy: after the memory is read, the validation images stream through the artifact batch by batch (``batches``),
-so the split never has to fit in memory and its decoding is not counted as the artifact's memory.
 
 Example:
     >>> from slimforge.export.measure import TimingConfig, measure_artifact
@@ -37,7 +34,6 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,31 +238,22 @@ def _batch(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def measure_artifact(
-    runtime: str,
-    artifact: str | os.PathLike,
-    images: np.ndarray,
-    cfg: TimingConfig,
-    allow_factory: bool = False,
-    batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+    runtime: str, artifact: str | os.PathLike, images: np.ndarray, cfg: TimingConfig, allow_factory: bool = False
 ) -> dict:
-    """Loads ``artifact`` in ``runtime``, times it on ``images`` and predicts the validation images.
+    """Loads ``artifact`` in ``runtime``, predicts ``images`` and times it.
 
     Args:
         runtime: A registered runtime name, available here.
         artifact: The checkpoint directory or file.
-        images: ``[n, C, H, W]`` float32 validation images preprocessed for this model, for the timing series (a
-            few are enough: batch-1 latency runs on the first, the sweep repeats them to fill a batch).
+        images: ``[N, C, H, W]`` float32 validation images preprocessed for this model.
         cfg: Threads, runs and batch sizes.
         allow_factory: Load a user-factory checkpoint (imports and runs the code its metadata names).
-        batches: The accuracy pass's images, ``[B, C, H, W]`` float32 batches of at most ``cfg.eval_batch_size``
-            in order, streamed so the split need not fit in memory; ``None``: ``images``.
 
     Returns:
         ``describe`` (the runtime's own account: precision, compute ops, details), ``preds`` ``[N]`` top-1
         classes, ``latency_ms`` (batch 1: :func:`latency_stats`), ``throughput`` (one entry per batch size),
         ``load_seconds``, ``first_run_seconds`` (compilation / allocation on the first batch-1 call) and
-        ``memory`` (see :class:`MemoryProbe`; read before the accuracy pass, whose decoded images and memory-mapped
-        dataset pages are not the artifact's).
+        ``memory`` (see :class:`MemoryProbe`).
 
     Raises:
         ExportError: the runtime is unavailable or the artifact cannot be loaded or run.
@@ -275,7 +262,7 @@ def measure_artifact(
     images = np.ascontiguousarray(images, dtype=np.float32)
     probe = MemoryProbe(cls.device)
     probe.start()
-    max_batch = max([*cfg.batch_sizes, cfg.eval_batch_size if batches else min(cfg.eval_batch_size, len(images))])
+    max_batch = max([*cfg.batch_sizes, min(cfg.eval_batch_size, len(images))])
     rt = cls(threads=cfg.threads, allow_factory=allow_factory, tf32=cfg.tf32, max_batch=max_batch)
     start = time.perf_counter()
     rt.load(artifact)
@@ -285,6 +272,8 @@ def measure_artifact(
     start = time.perf_counter()
     run_batches(rt, torch.from_numpy(images[:1]), [1])
     first_run_seconds = time.perf_counter() - start
+    n, bs = len(images), cfg.eval_batch_size
+    logits = run_batches(rt, torch.from_numpy(images), [min(bs, n - i) for i in range(0, n, bs)])  # [N, K]
 
     latency = latency_stats([r * 1e3 for r in latency_rounds(rt, images[:1], cfg)], cfg.unstable_spread)
     sweep = []
@@ -297,16 +286,12 @@ def measure_artifact(
                 "drop that size from --batch-sizes",
             ) from None
         sweep.append({"batch_size": size, "images_per_s": size * len(t) / t.sum(), "ms_per_batch": 1e3 * t.mean()})
-    memory = probe.stop()
-    bs = cfg.eval_batch_size
-    stream = batches() if batches else (torch.from_numpy(images[i : i + bs]) for i in range(0, len(images), bs))
-    preds = [run_batches(rt, batch, [len(batch)]).argmax(1) for batch in stream]  # [B] each: one batch held at once
     return {
         "describe": rt.describe(),
-        "preds": np.concatenate(preds).tolist() if preds else [],
+        "preds": logits.argmax(1).tolist(),
         "latency_ms": latency,
         "throughput": sweep,
         "load_seconds": load_seconds,
         "first_run_seconds": first_run_seconds,
-        "memory": memory,
+        "memory": probe.stop(),
     }

@@ -148,9 +148,8 @@ def int8_macs(path: str | os.PathLike, input_shape: list[int], threads: int = 1)
         elif n.op_type in ("Gemm", "FusedGemm", "QGemm"):
             trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
             reduction = w[1] if trans_b else w[0]
-        else:  # MatMul-like: B is [..., K, N], or [..., N, K] under FusedMatMul's transB (q·kᵀ in attention)
-            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
-            reduction = w[-1] if trans_b else w[-2]
+        else:  # MatMul-like: B is [..., K, N]
+            reduction = w[-2]
         macs = int(np.prod(shapes[n.output[0]])) * int(reduction)
         total += macs
         if integer:

@@ -9,7 +9,6 @@ GPUs visible; elsewhere those tests are skipped with the reason.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import socket
 import subprocess
@@ -46,27 +45,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-@pytest.fixture(scope="session")
-def sorted_folder(tmp_path_factory):
-    """An image folder sorted by class as ImageNet's is: train/ (8 images per class) and validation/ (6 per class) of
-    100 classes ``class_000``..``class_099``, 8×8 grayscale; each image's pixels carry its class, so batches can be
-    traced back to classes. Returns its :class:`DataConfig` (identity normalisation: a pixel is its class / 255)."""
-    import numpy as np
-    from PIL import Image
-
-    from slimforge.train.data import DataConfig
-
-    root = tmp_path_factory.mktemp("folder100")
-    for split, n in (("train", 8), ("validation", 6)):
-        for c in range(100):
-            folder = root / split / f"class_{c:03d}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(np.full((8, 8), c, dtype=np.uint8)).save(folder / f"{i}.png")
-    return DataConfig(source="imagefolder", path=str(root), image_size=8, in_chans=1, mean=[0.0], std=[1.0],
-                      batch_size=32)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -261,56 +239,3 @@ def fresh_process_logits(checkpoint, images, folder: Path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     return torch.tensor(fresh["logits"]), fresh["recipe"]
-
-
-def write_tar_shards(folder: Path, split: str, rows, per_shard: int, label: str = "cls") -> list[Path]:
-    """WebDataset tar shards ``folder/<split>-NNNNNN.tar`` of ``rows`` (``(PIL image, class index)`` pairs, in
-    order), ``per_shard`` samples each: ``<key>.png`` (lossless: the decoded pixels are the indexed source's) and
-    ``<key>.cls`` (the index as text) or ``<key>.json`` (``{"label": index}``)."""
-    import io
-    import json
-    import tarfile
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-
-    def add(tar, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-    rows = list(rows)
-    for s in range(0, len(rows), per_shard):
-        path = folder / f"{split}-{s // per_shard:06d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i, (image, y) in enumerate(rows[s : s + per_shard], start=s):
-                buf = io.BytesIO()
-                image.save(buf, format="PNG")
-                add(tar, f"{i:08d}.png", buf.getvalue())
-                add(tar, f"{i:08d}.{label}", str(y).encode() if label == "cls" else json.dumps({"label": y}).encode())
-        paths.append(path)
-    return paths
-
-
-@functools.lru_cache(maxsize=8)
-def mnist_rows(n: int):
-    """``n`` embedded MNIST digits spread over the 5,000 (which are sorted by class), as a ``datasets.Dataset``
-    with the Image + ClassLabel columns."""
-    from slimforge.train.builtin import embedded_dataset
-
-    ds = embedded_dataset("mnist_5k")
-    return ds.select(range(0, len(ds), len(ds) // n)).select(range(n))
-
-
-def mnist_shards(folder: Path, n_train: int = 256, n_val: int = 64, per_shard: int = 32) -> dict:
-    """:func:`mnist_rows` of ``n_train + n_val`` as tar shards (the first ``n_train`` for training) with a
-    ``classes.txt``; returns the ``data.shards`` mapping (brace patterns)."""
-    rows = [(r["image"], r["label"]) for r in mnist_rows(n_train + n_val)]
-    write_tar_shards(folder, "train", rows[:n_train], per_shard)
-    write_tar_shards(folder, "val", rows[n_train:], per_shard)
-    (folder / "classes.txt").write_text("".join(f"{i}\n" for i in range(10)))
-    last_train, last_val = -(-n_train // per_shard) - 1, -(-n_val // per_shard) - 1
-    return {
-        "train": str(folder / f"train-{{000000..{last_train:06d}}}.tar"),
-        "validation": str(folder / f"val-{{000000..{last_val:06d}}}.tar"),
-    }

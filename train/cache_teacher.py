@@ -2,10 +2,8 @@
 
 For every training sample and each of ``cache.epochs`` epochs, the frozen teacher's logits on the exact augmented
 view the student will see then (each rank its share of the samples), kept as the top ``cache.topk`` classes (all by
-default) in ``cache.dtype``. Before any logit it prints the cache's size and stops (exit 2, nothing written) when
-the file system of ``cache.path`` has less free space. ``train/distill.py`` with ``train.teacher_placement=cached``
-and the same run config then distils without running the teacher. See ``train/teacher_cache.py``,
-``train/cache_files.py`` and ``train/engine/cache.py``.
+default) in ``cache.dtype``. ``train/distill.py`` with ``train.teacher_placement=cached`` and the same run config
+then distils without running the teacher. See ``train/teacher_cache.py`` and ``train/engine/cache.py``.
 
 Example:
     accelerate launch --config_file configs/accelerate/ddp.yaml train/cache_teacher.py \

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,6 @@ FORMAT = "slimforge.checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "slimforge.json"
-STATE_METADATA = "state_dict_metadata"
-"""The safetensors metadata key holding the state dict's ``_metadata`` (each module's ``version``), as JSON."""
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -88,8 +85,7 @@ def save_checkpoint(
     tmp.mkdir()
     # safetensors refuses shared or non-contiguous tensors; clone makes each one its own contiguous buffer.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    versions = json.dumps(dict(getattr(state_dict, "_metadata", None) or {}))
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, STATE_METADATA: versions})
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -215,26 +211,6 @@ def rebuild_model(
         ) from None
 
 
-def with_module_versions(state: dict[str, torch.Tensor], model: nn.Module, weights: Path) -> dict[str, torch.Tensor]:
-    """``state`` with the ``_metadata`` that ``load_state_dict`` reads (each module's ``version``) put back.
-
-    safetensors keeps tensors only, and some modules refuse a state dict without their version (torchvision's
-    MNASNet raises ``ValueError``, its ViT MLP blocks rename keys as if the weights were from an old release). The
-    versions the checkpoint recorded win; a checkpoint written without them (or through a wrapper that drops them)
-    takes those of the freshly built model, which is the code that reads the weights.
-    """
-    from safetensors import safe_open
-
-    versions = dict(getattr(model.state_dict(), "_metadata", None) or {})
-    with safe_open(str(weights), framework="pt") as f:
-        recorded = (f.metadata() or {}).get(STATE_METADATA)
-    if recorded:
-        versions.update(json.loads(recorded))
-    state = OrderedDict(state)  # a plain dict takes no attributes
-    state._metadata = versions  # type: ignore[attr-defined]  # what nn.Module.state_dict() attaches
-    return state
-
-
 def load_checkpoint(
     path: str | os.PathLike, map_location: str = "cpu", allow_factory: bool = False, opt_in: str = FACTORY_OPT_IN
 ) -> tuple[nn.Module, ModelSpec, dict]:
@@ -266,7 +242,6 @@ def load_checkpoint(
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read weights: {e}", "re-create the checkpoint") from None
     fix = "the JSON and the weights come from different models; re-create the checkpoint"
-    state = with_module_versions(state, model, path / meta["weights"]["file"])
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches

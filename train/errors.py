@@ -14,24 +14,9 @@ class SlimforgeError(Exception):
     """
 
     def __init__(self, problem: str, fix: str = "") -> None:
-        if not fix and problem.startswith("Caught ") and "Original Traceback" in problem:
-            problem, fix = _unwrap_worker_error(type(self), problem)
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}\n  fix: {fix}" if fix else problem)
-
-
-def _unwrap_worker_error(cls: type, message: str) -> tuple[str, str]:
-    """The problem and fix of an error raised in a DataLoader worker. torch re-raises it in the training process as
-    ``cls(message)``, the message being the worker's whole traceback ("Caught DataError in DataLoader worker process
-    0. Original Traceback ... slimforge.train.errors.DataError: <problem>\n  fix: <fix>"): the user gets the error
-    itself, as from the training process."""
-    marker = f"{cls.__module__}.{cls.__qualname__}: "
-    at = message.rfind(marker)
-    if at < 0:
-        return message, ""
-    problem, _, fix = message[at + len(marker) :].rstrip().partition("\n  fix: ")
-    return problem, fix
 
 
 class ConfigError(SlimforgeError):

@@ -71,11 +71,11 @@ class FeatureTap:
 
         return hook
 
-    def pop(self, strict: bool = True) -> dict[str, torch.Tensor]:
+    def pop(self) -> dict[str, torch.Tensor]:
         """The features of the latest forward pass, ``{name: tensor}``, and forgets them (no reference is kept
-        across steps). Raises KeyError naming a layer that did not run (``strict``), else leaves it out."""
+        across steps). Raises KeyError naming a layer that did not run."""
         missing = [n for n in self.names if n not in self._out]
-        if missing and strict:
+        if missing:
             raise KeyError(f"layers {missing} did not run in the last forward pass")
         out, self._out = self._out, {}
         return out

@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from slimforge.train.errors import DataError
-
-
-@dataclass
-class FolderIndex:
-    """What a scan of an image folder found: plain lists, cheap to send from the rank that scanned to the others."""
-
-    root: str
-    class_names: list[str]
-    """Sorted class-folder names, the union over the splits."""
-    splits: dict[str, tuple[list[str], list[int]]]
-    """Split name → (image paths, class indices into ``class_names``)."""
-
-    def __len__(self) -> int:
-        return sum(len(paths) for paths, _ in self.splits.values())
 
 
 def image_features(class_names: list[str]):
@@ -31,39 +16,21 @@ def image_features(class_names: list[str]):
 
 
 def scan_image_folder(root: Path):
-    """An image folder as a ``DatasetDict``, indexed by a directory scan (:func:`index_image_folder`)."""
-    return folder_datasets(index_image_folder(root))
-
-
-def folder_datasets(index: FolderIndex):
-    """A scanned folder's splits as a ``DatasetDict``: an ``Image`` column of paths (decoded when a row is read) and
-    a ``ClassLabel`` named by the class folders."""
-    import datasets
-
-    features = image_features(index.class_names)
-    return datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features)
-            for split, (paths, labels) in index.splits.items()
-        }
-    )
-
-
-def index_image_folder(root: Path) -> FolderIndex:
-    """The images of an image folder and their classes, found by a directory scan.
+    """An image folder as a ``DatasetDict``, indexed by a directory scan.
 
     ``datasets.load_dataset("imagefolder")`` resolves every file through its data-files machinery: about 16 s per
     20,000 files, so about 17 minutes per launch for ImageNet's 1.28 M, in every rank. This reads the same layout
-    with ``os.scandir``/``os.walk``, into what :func:`folder_datasets` makes the same columns of: class names
-    sorted, the union over the splits as ``datasets`` does (so a label means one class in every split). A launch
-    scans once, on its first process, and hands the result to the others (``slimforge.train.engine.dataload``).
-    Splits are the folders ``datasets`` recognises by name (``datasets.data_files.SPLIT_KEYWORDS``: ``train``,
-    ``validation``/``val``/``valid``/``dev``, ``test``/``eval`` ...), else the root is the training split; files are
-    those with an image extension ``datasets``' image folder reads, anywhere under a class folder.
+    with ``os.scandir``/``os.walk`` and builds the same columns: an ``Image`` column of paths (decoded when a row is
+    read) and a ``ClassLabel`` named by the class folders, sorted, the union over the splits as ``datasets`` does
+    (so a label means one class in every split). Splits are the folders ``datasets`` recognises by name
+    (``datasets.data_files.SPLIT_KEYWORDS``: ``train``, ``validation``/``val``/``valid``/``dev``, ``test``/``eval``
+    ...), else the root is the training split; files are those with an image extension ``datasets``' image folder
+    reads, anywhere under a class folder.
 
     Raises:
         DataError: two folders name the same split, or a split holds no image.
     """
+    import datasets
     from datasets.data_files import SPLIT_KEYWORDS
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
@@ -90,7 +57,7 @@ def index_image_folder(root: Path) -> FolderIndex:
     classes = {split: [e.name for e in subfolders(folder)] for split, folder in folders.items()}
     names = sorted(set().union(*classes.values()))
     label_of = {name: i for i, name in enumerate(names)}
-    out: dict[str, tuple[list[str], list[int]]] = {}
+    out = {}
     for split, folder in folders.items():
         paths: list[str] = []
         labels: list[int] = []
@@ -105,5 +72,5 @@ def index_image_folder(root: Path) -> FolderIndex:
                 f"split {split!r} of image folder {root} holds no image ({folder})",
                 "lay it out as <class>/<image> (or train/<class>/<image> + validation/<class>/<image>)",
             )
-        out[split] = (paths, labels)
-    return FolderIndex(str(root), names, out)
+        out[split] = datasets.Dataset.from_dict({"image": paths, "label": labels}, features=image_features(names))
+    return datasets.DatasetDict(out)

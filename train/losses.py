@@ -25,7 +25,9 @@ distributions are coarsened to k + 1 buckets (the k stored classes and one "rest
 else); with the logsumexp of all the teacher's logits stored next to the cache the teacher's rest mass is exact.
 At k = N this is exactly :func:`kd_loss`.
 
-Hint loss: :mod:`slimforge.train.hints`.
+Hint loss (:func:`hint_loss`, :class:`HintProjector`), after Romero et al. (2015), "FitNets: Hints for Thin Deep
+Nets" (ICLR): the mean squared error between an intermediate student feature map, passed through a trainable
+projector to the teacher's channel count, and the teacher's feature map at a chosen layer.
 
 Soft-target cross-entropy (:func:`soft_target_cross_entropy`): cross-entropy against the probability vectors
 Mixup (Zhang et al., 2018, "mixup: Beyond Empirical Risk Minimization", ICLR) and CutMix (Yun et al., 2019,
@@ -39,6 +41,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -51,13 +54,9 @@ class LossConfig:
     """Weight of the distillation term; the hard-label cross-entropy gets 1 - alpha (distill.py only)."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy term."""
-    task: Literal["kd", "dkd", "hint", "token"] = "kd"
+    task: Literal["kd", "dkd", "hint"] = "kd"
     """distill.py's task (``slimforge.train.task``): ``kd`` logit KD, ``dkd`` decoupled KD, ``hint`` logit KD plus
-    FitNets hints on ``hints``, ``token`` DeiT-style distillation through the student's distillation head. Each is
-    combined with the cross-entropy as ``alpha`` says."""
-    token: Literal["hard", "soft"] = "hard"
-    """Task token: the distillation head learns the teacher's argmax (``hard``, DeiT's choice) or its softened
-    distribution at ``temperature`` (``soft``)."""
+    FitNets hints on ``hints``. Each is combined with the cross-entropy as ``alpha`` says."""
     standardize: bool = False
     """Standardise both models' logits per sample (zero mean, unit std) before the KD/DKD term (Sun et al., CVPR
     2024); the temperature then acts on standardised logits."""
@@ -90,7 +89,7 @@ class LossConfig:
         return p
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Float32 or better: fp16/bf16 (e.g. under autocast) and float32 give float32, float64 stays float64.
 
     Softmax/KL in reduced precision lose the small differences KD is made of. Autocast leaves float64 alone, so
@@ -133,7 +132,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         True
     """
     t = temperature
-    dtype = compute_dtype(student_logits, teacher_logits)
+    dtype = _compute_dtype(student_logits, teacher_logits)
     log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.detach().to(dtype) / t, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
@@ -172,28 +171,10 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     Returns:
         ``[B, N]`` standardised logits in float32, or float64 for float64 inputs.
     """
-    z = logits.to(compute_dtype(logits))
+    z = logits.to(_compute_dtype(logits))
     mean = z.mean(dim=-1, keepdim=True)
     std = z.std(dim=-1, keepdim=True)
     return (z - mean) / (std + eps)
-
-
-def _dkd_terms(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B]`` per-sample TCKD and NCKD sums (before ``T^2``) of tempered logits ``zs``, ``zt`` for ``labels``."""
-    b, n = zs.shape
-    idx = labels.unsqueeze(1)
-    target = torch.zeros((b, n), dtype=torch.bool, device=zs.device).scatter_(1, idx, True)
-
-    def parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 2]`` log of the binary (target, non-target) probabilities and ``[B, N]`` non-target log-softmax."""
-        masked = z.masked_fill(target, float("-inf"))
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        log_binary = torch.cat([z.gather(1, idx) - lse, torch.logsumexp(masked, dim=-1, keepdim=True) - lse], 1)
-        return log_binary, F.log_softmax(masked, dim=-1)
-
-    bin_s, nt_s = parts(zs)
-    bin_t, nt_t = parts(zt)
-    return _kl_terms(bin_t, bin_s).sum(1), _kl_terms(nt_t, nt_s).sum(1)
 
 
 def dkd_loss(
@@ -216,14 +197,10 @@ def dkd_loss(
     log space; the target class is removed from the non-target softmax by an exact ``-inf`` mask, and terms
     whose teacher probability is 0 contribute exactly 0, so extreme logits give no NaN in values or gradients.
 
-    A soft target (Mixup/CutMix: weight ``lam`` on class a, ``1 - lam`` on b) has no single target class; its
-    sample's terms are the target-weighted sum of the terms each of its classes would give,
-    ``lam * DKD(y=a) + (1 - lam) * DKD(y=b)``, as mixed cross-entropy is ``lam * CE(a) + (1 - lam) * CE(b)``.
-
     Args:
         student_logits: ``[B, N]`` raw student scores, N >= 2.
         teacher_logits: ``[B, N]`` raw teacher scores (treated as constants).
-        labels: ``[B]`` integer class indices, or ``[B, N]`` soft targets (each row summing to 1).
+        labels: ``[B]`` integer class indices.
         temperature: Softmax temperature T.
         alpha: Weight of TCKD.
         beta: Weight of NCKD.
@@ -240,23 +217,26 @@ def dkd_loss(
     b, n = student_logits.shape
     if n < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes (it splits target from non-target); got N={n}")
-    if labels.shape not in ((b,), (b, n)):
-        raise ValueError(f"dkd_loss needs labels of shape [B]=({b},) or soft targets [B, N]; got {tuple(labels.shape)}")
+    if labels.shape != (b,):
+        raise ValueError(f"dkd_loss needs labels of shape [B]=({b},); got {tuple(labels.shape)}")
     t = temperature
-    dtype = compute_dtype(student_logits, teacher_logits)
+    dtype = _compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dtype) / t
     zt = teacher_logits.detach().to(dtype) / t
-    if labels.dim() == 1:
-        tckd, nckd = _dkd_terms(zs, zt, labels.long())
-    else:  # every class a row gives weight to, weighted by it (two for Mixup/CutMix)
-        k = int((labels > 0).sum(1).max().clamp_min(1))
-        weights, classes = labels.to(dtype).topk(k, dim=1)
-        tckd = nckd = zs.new_zeros(b)
-        for j in range(k):
-            tc, nc = _dkd_terms(zs, zt, classes[:, j])
-            tckd, nckd = tckd + weights[:, j] * tc, nckd + weights[:, j] * nc
-    tckd = tckd.sum() / b * (t * t)
-    nckd = nckd.sum() / b * (t * t)
+    idx = labels.long().unsqueeze(1)
+    target = torch.zeros((b, n), dtype=torch.bool, device=student_logits.device).scatter_(1, idx, True)
+
+    def parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 2]`` log of the binary (target, non-target) probabilities and ``[B, N]`` non-target log-softmax."""
+        masked = z.masked_fill(target, float("-inf"))
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        log_binary = torch.cat([z.gather(1, idx) - lse, torch.logsumexp(masked, dim=-1, keepdim=True) - lse], 1)
+        return log_binary, F.log_softmax(masked, dim=-1)
+
+    bin_s, nt_s = parts(zs)
+    bin_t, nt_t = parts(zt)
+    tckd = _kl_terms(bin_t, bin_s).sum() / b * (t * t)
+    nckd = _kl_terms(nt_t, nt_s).sum() / b * (t * t)
     return {"tckd": tckd, "nckd": nckd, "dkd": alpha * tckd + beta * nckd}
 
 
@@ -312,7 +292,7 @@ def topk_kd_loss(
         raise ValueError(f"teacher_lse must have shape [B]=({b},); got {tuple(teacher_lse.shape)}")
     t = temperature
     extra = () if teacher_lse is None else (teacher_lse,)
-    dtype = compute_dtype(student_logits, teacher_values, *extra)
+    dtype = _compute_dtype(student_logits, teacher_values, *extra)
     idx = teacher_indices.long()
     stored = torch.zeros((b, n), dtype=torch.bool, device=student_logits.device).scatter_(1, idx, True)
     has_rest = ~stored.all(dim=1)  # [B]
@@ -339,6 +319,81 @@ def topk_kd_loss(
     return kl / b * (t * t)
 
 
+def hint_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """FitNets hint loss (Romero et al., ICLR 2015): mean squared error between student and teacher features.
+
+    The student feature is expected to be already projected to the teacher's channel count (by a
+    :class:`HintProjector`). If the spatial sizes differ, the larger map is average-pooled down to the smaller
+    one with ``F.adaptive_avg_pool2d`` (each dimension separately: both maps are brought to
+    ``(min(H_s, H_t), min(W_s, W_t))``; non-integer ratios use adaptive pooling's overlapping windows). The
+    teacher's feature is treated as a constant.
+
+    Args:
+        student_feature: ``[B, C, H_s, W_s]`` or ``[B, C]``.
+        teacher_feature: ``[B, C, H_t, W_t]`` or ``[B, C]``, same rank, batch and channel count as the student's.
+
+    Returns:
+        Scalar mean over all elements of the squared difference, float32 even under autocast (float64 inputs
+        in float64).
+
+    Raises:
+        ValueError: ranks, batch sizes or channel counts differ (channels need a projector).
+    """
+    s_shape, t_shape = tuple(student_feature.shape), tuple(teacher_feature.shape)
+    if student_feature.dim() != teacher_feature.dim() or student_feature.dim() not in (2, 4):
+        raise ValueError(
+            f"hint_loss needs two [B, C, H, W] or two [B, C] features; got student {s_shape} and teacher {t_shape}"
+        )
+    if s_shape[0] != t_shape[0]:
+        raise ValueError(f"hint_loss batch sizes differ: student {s_shape}, teacher {t_shape}")
+    if s_shape[1] != t_shape[1]:
+        raise ValueError(
+            f"hint_loss channel counts differ: student {s_shape}, teacher {t_shape}; project the student feature "
+            f"to {t_shape[1]} channels first (a projector such as HintProjector({s_shape[1]}, {t_shape[1]}) is needed)"
+        )
+    dtype = _compute_dtype(student_feature, teacher_feature)
+    s = student_feature.to(dtype)
+    te = teacher_feature.detach().to(dtype)
+    if s.dim() == 4 and s_shape[2:] != t_shape[2:]:
+        size = (min(s_shape[2], t_shape[2]), min(s_shape[3], t_shape[3]))
+        if s_shape[2:] != size:
+            s = F.adaptive_avg_pool2d(s, size)
+        if t_shape[2:] != size:
+            te = F.adaptive_avg_pool2d(te, size)
+    return F.mse_loss(s, te)
+
+
+class HintProjector(nn.Module):
+    """Trainable adapter mapping a student feature to the teacher's channel count for :func:`hint_loss`.
+
+    ``kind="conv"``: a 1x1 ``Conv2d`` without bias followed by ``BatchNorm2d``, for ``[B, C, H, W]`` maps;
+    ``kind="linear"``: an ``nn.Linear``, for ``[B, C]`` features. It is trained together with the student (its
+    parameters belong in the optimiser) and is a training-time helper only: it is never exported with the
+    student.
+
+    Args:
+        in_channels: Student channels.
+        out_channels: Teacher channels.
+        kind: ``"conv"`` or ``"linear"``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kind: str = "conv") -> None:
+        super().__init__()
+        if kind == "conv":
+            self.proj: nn.Module = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        elif kind == "linear":
+            self.proj = nn.Linear(in_channels, out_channels)
+        else:
+            raise ValueError(f"HintProjector kind must be 'conv' or 'linear'; got {kind!r}")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in, H, W]`` -> ``[B, out, H, W]`` (conv) or ``[B, in]`` -> ``[B, out]`` (linear)."""
+        return self.proj(x)
+
+
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft targets: ``mean_b sum_n -targets[b, n] * log_softmax(logits)[b, n]``.
 
@@ -357,7 +412,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
             f"soft_target_cross_entropy needs logits and targets of the same shape [B, N]; got "
             f"{tuple(logits.shape)} and {tuple(targets.shape)}"
         )
-    dtype = compute_dtype(logits, targets)
+    dtype = _compute_dtype(logits, targets)
     log_q = F.log_softmax(logits.to(dtype), dim=-1)
     y = targets.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=logits.device)

@@ -7,7 +7,7 @@ projectors of FitNets hints) puts them next to the student in one module, :class
 what Accelerate prepares: the adapters are trained, synchronised, sharded, saved in resumable states and resumed
 with the student, and stripped when the student is saved (:attr:`StudentWithAdapters.student`).
 
-A task is chosen by its registered name, ``loss.task`` (``kd``, ``dkd``, ``hint``, ``token``); ``train/train.py`` uses
+A task is chosen by its registered name, ``loss.task`` (``kd``, ``dkd``, ``hint``); ``train/train.py`` uses
 ``supervised``. Every task receives the whole batch: ``pixel_values`` ``[B, C, H, W]``, ``label`` ``[B]``,
 ``index`` and ``epoch`` ``[B]`` (which sample, which epoch's view: what the cached teacher is keyed by), and with
 Mixup/CutMix ``target`` ``[B, N]`` (soft labels).
@@ -32,10 +32,11 @@ from torch import nn
 
 from slimforge.train.errors import ConfigError
 from slimforge.train.features import FeatureTap
-from slimforge.train.hints import HintProjector, hint_loss
 from slimforge.train.losses import (
+    HintProjector,
     LossConfig,
     dkd_loss,
+    hint_loss,
     kd_loss,
     soft_target_cross_entropy,
     standardize_logits,
@@ -212,9 +213,7 @@ class DecoupledDistillation(LogitDistillation):
         if self.cfg.standardize:
             logits, teacher_logits = standardize_logits(logits), standardize_logits(teacher_logits)
         c = self.cfg
-        # Mixup/CutMix: the mixed target, whose classes' terms are weighted by it (not the unmixed label).
-        target = batch.get("target", batch["label"])
-        return dkd_loss(logits, teacher_logits, target, c.temperature, c.dkd_alpha, c.dkd_beta)
+        return dkd_loss(logits, teacher_logits, batch["label"], c.temperature, c.dkd_alpha, c.dkd_beta)
 
 
 class StudentWithAdapters(nn.Module):
@@ -235,23 +234,6 @@ class StudentWithAdapters(nn.Module):
         logits = self.student(images)
         feats = self._tap.pop()
         return logits, {name: self.adapters[_key(name)](f) for name, f in feats.items()}
-
-
-def _check_called(names: list[str], role: str, network: nn.Module, feats: dict, called: set[int]) -> None:
-    """Refuses hint layers that exist but whose forward never runs, naming the layers that do run under them.
-
-    A QAT or PTQ step traces the student into a graph (torch.fx) that calls its leaf layers directly: a container
-    such as ``layer3`` is still an attribute, but no longer called, so a hook on it would never fire.
-    """
-    for name in dict.fromkeys(n for n in names if n not in feats):
-        runs = [n for n, m in network.named_modules() if n.startswith(f"{name}.") and id(m) in called]
-        instead = f"the last of the layers under it that run is {runs[-1]!r}" if runs else "no layer under it runs"
-        raise ConfigError(
-            [f"loss.hints[].{role}: layer {name!r} of the {role} is never called in its forward pass (a compression "
-             f"step such as QAT traces a network into a graph that calls its leaf layers only); {instead}"],
-            fix=f"hint a layer that runs (e.g. {runs[-1]!r})" if runs else "hint a layer that runs, or distil with "
-            "hints before the QAT step and quantise with loss.task=kd",
-        )  # fmt: skip
 
 
 def _key(layer: str) -> str:
@@ -287,15 +269,12 @@ class HintDistillation(LogitDistillation):
         teacher = inner_teacher(self.teacher.module)
         self.teacher_tap = FeatureTap(teacher, [h["teacher"] for h in hints], "teacher", "loss.hints[].teacher")
         was_training = student.training
-        called: list[nn.Module] = []
-        with torch.no_grad(), nn.modules.module.register_module_forward_hook(lambda m, i, o: called.append(m)):
+        with torch.no_grad():
             student.eval()
             student(example)
             self.teacher.module(example)
         student.train(was_training)
-        s_feats, t_feats = student_tap.pop(strict=False), self.teacher_tap.pop(strict=False)
-        for role, network, feats in (("student", student, s_feats), ("teacher", teacher, t_feats)):
-            _check_called([h[role] for h in hints], role, network, feats, {id(m) for m in called})
+        s_feats, t_feats = student_tap.pop(), self.teacher_tap.pop()
         adapters = nn.ModuleDict()
         for h in hints:
             s, t = s_feats[h["student"]], t_feats[h["teacher"]]
@@ -320,52 +299,6 @@ class HintDistillation(LogitDistillation):
             terms[f"hint_{h['student']}"] = term
             total = total + float(h.get("weight", 1.0)) * term
         return total
-
-
-@register_task("token")
-class TokenDistillation(LogitDistillation):
-    """DeiT-style token distillation (Touvron et al., ICML 2021): a student with a distillation token and head
-    (timm ``deit_*_distilled_*``) trains its class head on the labels and its distillation head on the teacher,
-    ``(1 - alpha) * CE(class head) + alpha * D(distillation head)``, D being the cross-entropy with the teacher's
-    argmax (``loss.token: hard``) or ``T^2 KL`` at ``temperature`` (``soft``). The student predicts with the average
-    of both heads (timm's inference path): that is what validation, export and the benchmark see."""
-
-    def wrap_student(self, student: nn.Module, example: torch.Tensor) -> nn.Module:
-        """Switches the student's distilled training on and checks that it returns both heads' logits."""
-        if not hasattr(student, "set_distilled_training"):
-            raise ConfigError(
-                [f"loss.task: token needs a student with a distillation head; {type(student).__name__} has none"],
-                fix="use a distilled timm student (e.g. model.name=deit_tiny_distilled_patch16_224), or loss.task=kd",
-            )
-        student.set_distilled_training(True)
-        was_training = student.training
-        with torch.no_grad():
-            out = student.train()(example)
-        student.train(was_training)
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise ConfigError(
-                ["loss.task: token: the student returns one output while training, not its two heads' logits (a "
-                 "compression step such as QAT traced it into a graph of its averaged prediction)"],
-                fix="distil with loss.task=token first, then compress that student with loss.task=kd",
-            )  # fmt: skip
-        return student
-
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Returns ``{"loss", "token", "ce", "logits"}``; ``logits`` is the average of both heads."""
-        class_logits, dist_logits = model(batch["pixel_values"])
-        if self.cfg.token == "soft":
-            token = self.logit_term(dist_logits, batch)["kd"]
-        else:
-            if self.teacher.cached and not self.teacher.complete:
-                values, indices, _ = self.teacher.topk(batch)  # the teacher's top classes: its argmax among them
-                target = indices.gather(1, values.argmax(1, keepdim=True)).squeeze(1).long()
-            else:
-                target = self.teacher.logits(batch).argmax(dim=1)
-            token = F.cross_entropy(dist_logits.float(), target)
-        ce = ce_term(class_logits, batch, self.cfg)
-        total = self.cfg.alpha * token + (1.0 - self.cfg.alpha) * ce
-        logits = (class_logits.detach() + dist_logits.detach()) / 2
-        return {"loss": total, "token": token, "ce": ce, "logits": logits}
 
 
 def build_task(loss: LossConfig, teacher=None, supervised: bool = False):

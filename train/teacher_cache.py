@@ -4,10 +4,10 @@
 runs the frozen teacher over every training sample
 for ``cache.epochs`` epochs, on the exact augmented view the student will see at that epoch (augmentation is a
 pure function of ``(train.seed, epoch, sample index)``, :mod:`slimforge.train.data`), each rank on its share of
-the samples, and stores per (epoch, sample) the teacher's top-k logits (values in ``cache.dtype``, class indices in
-the narrowest integer type that holds the class count) and the log-sum-exp of all its logits at the loss
-temperature. ``train/distill.py`` with ``train.teacher_placement=cached`` then looks the outputs up by the batch's
-``(epoch, index)`` instead of running the teacher: a distillation step costs what a supervised step does.
+the samples, and stores per (epoch, sample) the teacher's top-k logits (values and class indices, ``cache.dtype``)
+and the log-sum-exp of all its logits at the loss temperature. ``train/distill.py`` with
+``train.teacher_placement=cached`` then looks the outputs up by the batch's ``(epoch, index)`` instead of running
+the teacher: a distillation step costs what a supervised step does.
 
 With ``cache.topk`` null (all classes) the stored logits are the teacher's own, so every logit task (``kd``,
 ``dkd``, standardised logits) runs on them exactly as on the live teacher's. With k < classes the ``kd`` task uses
@@ -19,24 +19,30 @@ view of the data (dataset, split, image size, normalisation, augmentation settin
 temperature, or when the run trains more augmented epochs than it holds. Without random augmentation every epoch
 sees the same view, so one cached epoch serves them all.
 
-Layout of ``cache.path``, writer and memory-mapped reader: :mod:`slimforge.train.cache_files`.
+Layout of ``cache.path``: ``cache.json`` (what it holds, written last: a folder without it is incomplete) and one
+``shard_RRRRR.safetensors`` per rank of the caching launch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from slimforge.train.cache_files import CacheReader
+import torch
+
 from slimforge.train.config import at_least
 from slimforge.train.errors import SlimforgeError
 
 logger = logging.getLogger(__name__)
 
+CACHE_FORMAT = "slimforge.teacher_cache"
+CACHE_VERSION = 1
+META = "cache.json"
 # Data fields that change how a training sample is loaded, not what the teacher sees.
 _LOADER_ONLY = {
     "batch_size",
@@ -61,9 +67,7 @@ class CacheConfig:
     topk: int | None = None
     """Logits kept per sample (the largest); null: all classes (exact: any logit task runs on them)."""
     dtype: Literal["fp16", "fp32"] = "fp16"
-    """Storage of the kept logits. fp16 (default) halves the largest part of the cache for a rounding of at most
-    2^-11 of a logit (well under what separates a teacher's top classes; a logit beyond fp16's ±65504 is refused
-    when caching); fp32 for bit-exact agreement with the live teacher."""
+    """Storage of the kept logits; fp32 for bit-exact agreement with the live teacher."""
     batch_size: int | None = None
     """Teacher batch of the caching pass; null: ``data.eval_batch_size``."""
 
@@ -107,9 +111,13 @@ def teacher_digest(checkpoint: str | os.PathLike) -> str:
     return read_meta(checkpoint)["weights"]["sha256"]
 
 
-class CachedTeacher(CacheReader):
-    """The cached teacher's outputs for a distillation run, looked up by ``(epoch, sample index)``
-    (:class:`CacheReader`), once the cache is checked against the run.
+def index_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype that holds a class index."""
+    return torch.int16 if num_classes <= 2**15 else torch.int32
+
+
+class CachedTeacher:
+    """The cached teacher's outputs, looked up by ``(epoch, sample index)``.
 
     Args:
         path: The cache folder.
@@ -124,14 +132,41 @@ class CachedTeacher(CacheReader):
     """
 
     def __init__(self, path: str | os.PathLike, cfg, num_classes: int, num_samples: int, device) -> None:
+        from safetensors.torch import load_file
+
         path = Path(path)
         build = f"build it: accelerate launch train/cache_teacher.py --config <this run config> cache.path={path}"
-        super().__init__(path, device, build)
-        self._check(self.meta, cfg, num_classes, num_samples, path, build)
+        if not (path / META).is_file():
+            raise SlimforgeError(f"{path} holds no complete teacher cache (no {META})", build)
+        meta = json.loads((path / META).read_text())
+        if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
+            raise SlimforgeError(f"{path}/{META} is not a slimforge teacher cache of version {CACHE_VERSION}", build)
+        self.meta = meta
+        self._check(meta, cfg, num_classes, num_samples, path, build)
+        self.k, self.num_classes, self.epochs = meta["topk"], num_classes, meta["epochs"]
+        self.random_views = meta["random_views"]
+        self.temperature = meta["temperature"]
+        e, n = meta["epochs"], num_samples
+        self.values = torch.full((e, n, self.k), float("nan"), dtype=torch.float32)
+        self.indices = torch.zeros((e, n, self.k), dtype=torch.int64)
+        self.lse = torch.zeros((e, n), dtype=torch.float32)
+        self.filled = torch.zeros((e, n), dtype=torch.bool)
+        for shard in sorted(path.glob("shard_*.safetensors")):
+            s = load_file(str(shard))
+            if s["index"].numel() == 0:
+                continue
+            ep, ix = s["epoch"].long(), s["index"].long()
+            self.values[ep, ix] = s["values"].float()
+            self.indices[ep, ix] = s["indices"].long()
+            self.lse[ep, ix] = s["lse"]
+            self.filled[ep, ix] = True
+        if not bool(self.filled.all()):
+            missing = int((~self.filled).sum())
+            raise SlimforgeError(f"the teacher cache {path} lacks {missing} (epoch, sample) entries", build)
+        self.device = device
         logger.info(
             "cached teacher %s: %d epoch(s) × %d samples, top-%d of %d classes (%s), made from %s",
-            path, self.epochs, num_samples, self.k, num_classes, self.meta["dtype"],
-            self.meta["teacher"]["checkpoint"],
+            path, e, n, self.k, num_classes, meta["dtype"], meta["teacher"]["checkpoint"],
         )  # fmt: skip
 
     @staticmethod
@@ -172,3 +207,17 @@ class CachedTeacher(CacheReader):
                 f"the teacher cache {path} does not fit this run: " + " | ".join(problems),
                 f"rebuild it for this run ({build}), or point cache.path at the matching cache",
             )
+
+    def lookup(self, epoch: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(values [B, k], indices [B, k], lse [B])`` of the samples ``index`` ``[B]`` at ``epoch`` ``[B]``."""
+        e = epoch.long().cpu()
+        if not self.random_views:
+            e = torch.zeros_like(e)  # every epoch sees the same view
+        i = index.long().cpu()
+        d = self.device
+        return self.values[e, i].to(d), self.indices[e, i].to(d), self.lse[e, i].to(d)
+
+    def logits(self, epoch: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The teacher's full logits ``[B, N]`` (only when every class is stored)."""
+        values, indices, _ = self.lookup(epoch, index)
+        return torch.empty(values.shape[0], self.num_classes, device=values.device).scatter_(1, indices, values)

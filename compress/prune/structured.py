@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimforge.compress.api import CompressionContext, Method, MethodConfig, RecipeError, register_method
-from slimforge.compress.prune._shuffle import channel_reshapes
 from slimforge.compress.stats import count_macs
 
 logger = logging.getLogger(__name__)
@@ -266,38 +265,17 @@ class StructuredPrune(Method):
 
         cfg = self.config
         ignored = self._ignored(model)
-        shuffles = channel_reshapes(model, example)
-        fix = (
-            "compress it with sparsity, lowrank or qat instead, or distil it into a student without such layers and "
-            "prune that"
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example,
+            importance=importance,
+            global_pruning=cfg.global_ranking,
+            pruning_ratio=cfg.max_layer_ratio,
+            max_pruning_ratio=cfg.max_layer_ratio,
+            iterative_steps=cfg.steps,
+            ignored_layers=ignored,
+            round_to=cfg.round_to,
         )
-        if shuffles:
-            also = f"; also {', '.join(map(repr, shuffles[1:3]))}" if len(shuffles) > 1 else ""
-            raise RecipeError(
-                f"prune cannot follow the channels of this {type(model).__name__}: layer {shuffles[0]!r} reshapes its "
-                f"channel axis (a channel shuffle{also}), so Torch-Pruning's dependency graph cannot tell which "
-                "channels of the layers around it belong together",
-                fix,
-            )
-        try:
-            pruner = tp.pruner.MetaPruner(
-                model,
-                example,
-                importance=importance,
-                global_pruning=cfg.global_ranking,
-                pruning_ratio=cfg.max_layer_ratio,
-                max_pruning_ratio=cfg.max_layer_ratio,
-                iterative_steps=cfg.steps,
-                ignored_layers=ignored,
-                round_to=cfg.round_to,
-            )
-        except Exception as e:  # Torch-Pruning's graph builder fails on layouts it cannot follow
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise RecipeError(
-                f"prune cannot follow the channels of this {type(model).__name__}: Torch-Pruning's dependency graph "
-                f"failed ({type(e).__name__}: {first})",
-                fix,
-            ) from None
         self._check_requested(model, pruner.DG, ignored)
         after = previous = count_macs(model, example.shape[1:])
         taken = 0

@@ -1,24 +1,16 @@
 """The graph pass that makes a float CNN fake-quantised, with quantizers exactly where the runtime fuses int8 kernels.
 
-The model is traced with ``torch.fx`` in evaluation mode (convolutions, linears, norms, activations, pools and the
-regularisers — dropout, drop-path, stochastic depth — are leaves; :mod:`slimforge.compress.quantize._trace`), then:
+The model is traced with ``torch.fx`` (convolutions, linears, norms, activations and pools are leaves), then:
 
 1. every ``Conv2d`` followed by a ``BatchNorm2d`` becomes one :class:`QuantConv2d` (batch norm folded in), every
    other ``Conv2d`` a :class:`QuantConv2d` without one, every ``Linear`` a :class:`QuantLinear`;
 2. an :class:`ActivationQuantizer` goes on every tensor that enters an int8 operation (convolution, linear, add,
    mul, concat, average pooling, sigmoid) and on every such operation's output — after a following ReLU/ReLU6
    when activations are uint8, which the runtime folds into the quantised operation;
-3. data-movement operations (max pooling, flatten, reshape) reuse their input's quantizer, so the runtime drops
-   the Q/DQ pair around them instead of converting to float and back; a regulariser passes on its input's
-   quantizer untouched (it is the identity in evaluation and export, and scaling a tensor by ``1 / keep`` while
-   training would clip it in a reused range);
+3. data-movement operations (max pooling, flatten, reshape, dropout) reuse their input's quantizer, so the runtime
+   drops the Q/DQ pair around them instead of converting to float and back;
 4. SiLU becomes ``x * sigmoid(x)``, both halves quantised, which ONNX Runtime runs as QLinearSigmoid + QLinearMul
    (left whole it stays a float Sigmoid and Mul between Q/DQ pairs: EfficientNet-B0 ran 1.3× slower that way).
-
-Parameters that enter such an operation as if they were activations (a layer scale ``gamma``, a position
-embedding, a class token) and shape arithmetic (``x.shape[2] * x.shape[3]``) get no quantizer: the parameter stays
-float and is listed in the record's ``float_parameters`` (a per-tensor uint8 range over a layer scale of 1e-6
-rounds it to 0), and the operation runs as a float kernel between Q/DQ pairs.
 
 This is the placement ONNX Runtime's QDQ fusion needs: an operation runs as an integer kernel only when each of
 its inputs arrives through a DequantizeLinear and its output leaves through a QuantizeLinear. Quantising only
@@ -40,21 +32,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from slimforge.compress.api import RecipeError
-from slimforge.compress.quantize._trace import (
-    constant_nodes,
-    is_stochastic,
-    parameter_names,
-    stochastic_node,
-    through_stochastic,
-    trace,
-)
 from slimforge.compress.quantize.fakequant import ActivationQuantizer, QuantConv2d, QuantLinear
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.Identity)
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout)
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, *_ACTIVATIONS, *_POOLS)
 _FOLDABLE = (nn.ReLU, nn.ReLU6)  # a ReLU between an int8 op and its (uint8, zero point 0) quantizer is folded
-_PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity)
+_PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 _PASS_FUNCTIONS = {torch.flatten, F.max_pool2d, "flatten", "view", "reshape", "contiguous"}
 _INT8_MODULES = (QuantConv2d, QuantLinear, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Sigmoid)
 _INT8_FUNCTIONS = {
@@ -100,8 +84,7 @@ class ReusedQuantizer(nn.Module):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        leaf = isinstance(m, _LEAVES + _NO_INT8_KERNEL) or is_stochastic(m)
-        return leaf or super().is_leaf_module(m, qualname)
+        return isinstance(m, _LEAVES + _NO_INT8_KERNEL) or super().is_leaf_module(m, qualname)
 
 
 def _standard_forward(m: nn.Module, base: type[nn.Module]) -> bool:
@@ -126,7 +109,15 @@ def _split_bn_act(model: nn.Module) -> None:
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     _split_bn_act(model)
-    return trace(model, _Tracer)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, ... for data-dependent control flow
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RecipeError(
+            f"cannot trace {type(model).__name__} with torch.fx to place quantizers: {type(e).__name__}: {first}",
+            "quantisation needs a model without data-dependent Python control flow in its forward",
+        ) from None
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
 def _check_layers(gm: fx.GraphModule, skipped) -> None:
@@ -180,25 +171,16 @@ def _is(gm: fx.GraphModule, n: fx.Node, modules: tuple, functions: set) -> bool:
     return n.op in ("call_function", "call_method") and n.target in functions
 
 
-def _plan(gm: fx.GraphModule, fold_relu: bool) -> tuple[dict[fx.Node, fx.Node | None], list[str]]:
-    """Which nodes' outputs get a quantizer: ``{node: None}`` for an own one, ``{node: source}`` to reuse one; and
-    the parameters that enter an int8 operation as if they were activations (left in float)."""
+def _plan(gm: fx.GraphModule, fold_relu: bool) -> dict[fx.Node, fx.Node | None]:
+    """Which nodes' outputs get a quantizer: ``{node: None}`` for an own one, ``{node: source}`` to reuse one."""
     outputs: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "output":
             fx.node.map_arg(n.args, outputs.add)
     plan: dict[fx.Node, fx.Node | None] = {}
-    constants = constant_nodes(gm)
-    floats: set[str] = set()
 
     def mark(n: Any) -> None:
-        if not isinstance(n, fx.Node) or n in plan or n in outputs:
-            return
-        if n in constants:  # a parameter used as an activation (layer scale, position embedding) or a shape
-            floats.update(parameter_names(gm, n, constants))
-            return
-        if stochastic_node(gm, n):  # quantise what dropout reads: in evaluation and export it is the identity
-            mark(n.args[0])
+        if not isinstance(n, fx.Node) or n in plan or n in outputs or n.op == "get_attr":
             return
         if _is(gm, n, _PASS_MODULES, _PASS_FUNCTIONS) and isinstance(n.args[0], fx.Node):
             source = n.args[0]
@@ -210,7 +192,7 @@ def _plan(gm: fx.GraphModule, fold_relu: bool) -> tuple[dict[fx.Node, fx.Node | 
             plan[n] = None
 
     for n in list(gm.graph.nodes):
-        if n in constants or not _is(gm, n, _INT8_MODULES, _INT8_FUNCTIONS):
+        if not _is(gm, n, _INT8_MODULES, _INT8_FUNCTIONS):
             continue
         for arg in n.all_input_nodes:
             mark(arg)
@@ -219,7 +201,7 @@ def _plan(gm: fx.GraphModule, fold_relu: bool) -> tuple[dict[fx.Node, fx.Node | 
         if fold_relu and follower is not None and _is(gm, follower, _FOLDABLE, set()):
             out = follower
         mark(out)
-    return plan, sorted(floats)
+    return plan
 
 
 def quantize_graph(
@@ -264,7 +246,7 @@ def quantize_graph(
                 product = gm.graph.call_function(operator.mul, (n.args[0], gate))
             n.replace_all_uses_with(product)
             gm.graph.erase_node(n)
-    plan, floats = _plan(gm, fold_relu=activations == "uint8")
+    plan = _plan(gm, fold_relu=activations == "uint8")
     owned: dict[fx.Node, str] = {}  # node -> name of the quantizer it owns
     for n in list(gm.graph.nodes):
         if n not in plan:
@@ -281,7 +263,7 @@ def quantize_graph(
         n.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
     for n in gm.graph.nodes:  # the int32 bias grid of each weighted layer is its input quantizer's scale
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (QuantConv2d, QuantLinear)):
-            feeder = through_stochastic(gm, n.args[0])
+            feeder = n.args[0]
             module = gm.get_submodule(feeder.target) if feeder.op == "call_module" else None
             if isinstance(module, ReusedQuantizer):
                 module = module.source
@@ -289,4 +271,4 @@ def quantize_graph(
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    return gm, {"layers": layers, "quantizers": len(owned), "skipped": list(skip), "float_parameters": floats}
+    return gm, {"layers": layers, "quantizers": len(owned), "skipped": list(skip)}

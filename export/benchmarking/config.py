@@ -20,9 +20,8 @@ class BenchConfig:
 
     timing: TimingConfig = field(default_factory=TimingConfig)
     """How each row is timed: batch sweep, runs, warm-up, threads (:class:`slimforge.export.measure.TimingConfig`)."""
-    max_images: int | None = None
-    """Validation images for accuracy and agreement: a seeded class-stratified sample of this many; ``None``: the
-    whole validation split (streamed batch by batch through every row; timing reads only a few images)."""
+    max_images: int | None = 512
+    """Validation images for accuracy and agreement; ``None``: the whole validation split."""
     eval_batch_size: int = 32
     data_overrides: list[str] = field(default_factory=list)
     """``key=value`` overrides of the teacher checkpoint's recorded DataConfig."""

@@ -122,33 +122,23 @@ def _error_text(e: BaseException) -> tuple[str, str]:
 
 
 class RowRunner:
-    """Measures rows in this process or in a fresh one each; owns the temporary timing-image files the workers read.
-
-    Accuracy and agreement read every image of ``val``, streamed through each row batch by batch (in a worker, from
-    the same seeded selection of the same dataset); the timing series read only its first few images.
-    """
+    """Measures rows in this process or in a fresh one each; owns the temporary image files the workers read."""
 
     def __init__(self, cfg: BenchConfig, val: ValidationSet) -> None:
         self.cfg = cfg
         self.val = val
         self._tmp = tempfile.TemporaryDirectory(prefix="slimforge-bench-")
-        self._files: dict[str, str] = {}
+        self._files: dict[int, str] = {}
         self._jobs = itertools.count()
 
     def close(self) -> None:
         self._tmp.cleanup()
 
-    def timing_images(self, spec: ModelSpec) -> torch.Tensor:
-        """The first images of ``val`` for ``spec``, as many as the largest swept batch (the sweep repeats them
-        beyond the split's size): ``[n, C, H, W]``."""
-        n = min(len(self.val), max(self.cfg.timing.batch_sizes))
-        return next(iter(self.val.batches(spec, n, limit=n)))
-
-    def _images_file(self, spec: ModelSpec) -> str:
-        key = json.dumps(asdict(self.val.config_for(spec)), sort_keys=True)  # one file per preprocessing
+    def _images_file(self, images: torch.Tensor) -> str:
+        key = id(images)  # ValidationSet caches one tensor per preprocessing, so id() identifies it
         if key not in self._files:
             path = os.path.join(self._tmp.name, f"images_{len(self._files)}.npy")
-            np.save(path, self.timing_images(spec).numpy())
+            np.save(path, images.numpy())
             self._files[key] = path
         return self._files[key]
 
@@ -160,12 +150,11 @@ class RowRunner:
             return measure_peaks(**args)
         return self._run_job({"kind": "peaks", "peaks": args}, "the matmul peak", "its kernels")
 
-    def _isolated(self, runtime: str, path: Path, spec: ModelSpec) -> dict[str, Any]:
+    def _isolated(self, runtime: str, path: Path, images: torch.Tensor) -> dict[str, Any]:
         job = {
             "runtime": runtime,
             "artifact": str(path),
-            "images": self._images_file(spec),
-            "validation": {"data": asdict(self.val.cfg), "max_images": self.val.max_images, "spec": spec.to_dict()},
+            "images": self._images_file(images),
             "timing": asdict(self.cfg.timing),
             "allow_factory": self.cfg.allow_factory,
         }
@@ -232,23 +221,12 @@ class RowRunner:
                 return row, None
             if isinstance(meta, BaseException):
                 raise meta
+            images = self.val.images_for(spec)  # [N, C, H, W]
             if self.cfg.isolate:
-                result = self._isolated(name, target.path, spec)
+                result = self._isolated(name, target.path, images)
             else:
-                bs = self.cfg.timing.eval_batch_size
-                result = measure_artifact(
-                    name,
-                    target.path,
-                    self.timing_images(spec).numpy(),
-                    self.cfg.timing,
-                    self.cfg.allow_factory,
-                    batches=lambda: self.val.batches(spec, bs),
-                )
+                result = measure_artifact(name, target.path, images.numpy(), self.cfg.timing, self.cfg.allow_factory)
             preds = np.asarray(result["preds"])
-            if len(preds) != len(self.val):
-                raise ExportError(
-                    f"{len(preds)} predictions for {len(self.val)} validation images", "report this: a batch was lost"
-                )
             reference = preds if teacher_preds is None else teacher_preds
             d = result["describe"]
             sweep = result["throughput"]

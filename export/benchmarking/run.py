@@ -129,7 +129,6 @@ def run_benchmark(teacher: str | os.PathLike, students: list[str], cfg: BenchCon
             "num_images": len(val),
             "num_classes": len(set(val.labels.tolist())),
             "sampled": val.sampled,
-            "coverage": val.coverage,
         },
         "teacher": str(t_target.path),
         "peaks": peaks,

@@ -1,6 +1,6 @@
 """``fit``: the one training loop of both entries, read top to bottom.
 
-Everything that can be wrong with the input is checked before any output exists, on every rank alike; then the
+Everything that can be wrong with the input is checked before the process group or any output exists; then the
 loop trains, evaluates once per epoch, checks that the replicas agree, saves resumable states when asked, and
 writes the student checkpoint once, atomically, at the end.
 """
@@ -59,10 +59,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from slimforge.train.config import dump_yaml, to_dict
-    from slimforge.train.data import build_loader, describe
+    from slimforge.train.data import build_loader, describe, load_splits
     from slimforge.train.engine.compression import RecipeRun, calibration_batches
-    from slimforge.train.engine.dataload import load_splits_once
-    from slimforge.train.engine.evaluate import data_for_model, evaluate
+    from slimforge.train.engine.evaluate import evaluate
     from slimforge.train.engine.metrics import ComputeDtypeProbe, MetricsLog, ThroughputMeter
     from slimforge.train.engine.outputs import newest_state, prepare_run_folder
     from slimforge.train.engine.precision import (
@@ -73,10 +72,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         keep_configured_optimizer,
         match_input_dtype,
     )
-    from slimforge.train.engine.replicas import check_replicas_in_sync, pool_batch_norm_statistics_
+    from slimforge.train.engine.replicas import check_replicas_in_sync
     from slimforge.train.engine.save import save_final
     from slimforge.train.engine.step import DivergenceGuard, train_step
-    from slimforge.train.engine.streams import is_stream, resume_loader, stream_on_rank
     from slimforge.train.engine.topology import (
         build_accelerator,
         describe_topology,
@@ -100,18 +98,9 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     )
     set_seed(cfg.train.seed)  # same seed on every rank: identical initial weights before DDP's broadcast
 
-    on_gpu = torch.cuda.is_available() and not cfg.train.cpu
-    pin = on_gpu and (cfg.data.pin_memory if cfg.data.pin_memory is not None else True)
-    accelerator = build_accelerator(cfg.train, non_blocking=pin)
-    set_gradient_clipping(accelerator, cfg.optim.grad_clip)
-    keep_configured_optimizer(accelerator)
-    # Build the data and models before any output exists: bad data, models, sizes or checkpoints fail here, on
-    # every rank alike. An image folder is scanned by the first process only. (Hub datasets: `datasets`
-    # serialises concurrent downloads.) Preprocessing fields the config leaves null take the student's own (its
-    # checkpoint's record, or its pretrained weights' pretrained_cfg): from here on cfg.data is concrete, and the
-    # checkpoint records it.
-    as_configured, cfg = cfg.data, dataclasses.replace(cfg, data=data_for_model(cfg.data, cfg.model))
-    splits = load_splits_once(cfg.data, accelerator)
+    # Build the models and data before the process group or any output exists: bad data, models, sizes or
+    # checkpoints fail here, on every rank alike. (Hub datasets: `datasets` serialises concurrent downloads.)
+    splits = load_splits(cfg.data)
     info = describe(cfg.data)
     shape = (splits.num_classes, info["input_size"], info, splits.class_names)
     student, spec = load_or_build(cfg.model, "model", *shape)
@@ -120,16 +109,19 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     if distill and cached:
         teacher_spec = described_teacher(cfg.teacher, splits.class_names)  # no teacher runs: its record suffices
     elif distill:
-        # A teacher gets its own preprocessing too (a checkpoint keeps its recorded one); the task converts batches.
-        t_info = describe(data_for_model(as_configured, cfg.teacher))
-        t_shape = (splits.num_classes, t_info["input_size"], t_info, splits.class_names)
-        teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *t_shape)
+        teacher, teacher_spec = load_or_build(cfg.teacher, "teacher", *shape)
         # Frozen before compression steps see it: a Taylor ranking or calibration pass must not update its
         # batch-norm statistics or compute with batch statistics. Then put behind the conversion to the input it
         # was trained on (size, channels, normalisation), when the student's data differ.
         teacher = teacher_view(freeze_(teacher), teacher_spec, info)
     recipe = RecipeRun(cfg.compress, loaded=spec.recipe)  # a loaded student's steps stay first
     recipe.check_model(student)
+
+    on_gpu = torch.cuda.is_available() and not cfg.train.cpu
+    pin = on_gpu and (cfg.data.pin_memory if cfg.data.pin_memory is not None else True)
+    accelerator = build_accelerator(cfg.train, non_blocking=pin)
+    set_gradient_clipping(accelerator, cfg.optim.grad_clip)
+    keep_configured_optimizer(accelerator)
     recipe.check_topology(accelerator)
     if not distill:
         task = build_task(cfg.loss, supervised=True)
@@ -153,19 +145,17 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     prepare_run_folder(accelerator, out, cfg.train.overwrite)  # rank 0 decides, every rank follows
     train_loader = build_loader(splits.train, cfg.data, is_training=True, seed=cfg.train.seed, pin_memory=pin)
     # The update count for compression schedules that end with the run, before Accelerate shards the loader: each
-    # rank will iterate len // processes batches of this drop_last loader (checked against the sharded one below);
-    # a stream (webdataset) is this rank's already.
-    streamed = is_stream(train_loader)
-    planned_steps = _update_count(len(train_loader) // (1 if streamed else accelerator.num_processes), cfg.train)
+    # rank will iterate len // processes batches of this drop_last loader (checked against the sharded one below).
+    planned_steps = _update_count(len(train_loader) // accelerator.num_processes, cfg.train)
     if recipe:  # compression acts on the bare model, before any wrapper
         example = torch.zeros(1, *info["input_size"])
         batches = calibration_batches(splits.train, cfg.data)
         student = recipe.prepare(student, example, batches, accelerator.device, teacher, planned_steps)
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    if hasattr(task, "wrap_student"):  # hint adapters join the student (trained, synced, saved in states, resumed
-        student = task.wrap_student(student, torch.zeros(2, *info["input_size"]))  # with it); token: both heads on
-    wrapped = isinstance(student, StudentWithAdapters)
+    wrapped = hasattr(task, "wrap_student")
+    if wrapped:  # the task's trainable adapters join the student: trained, synced, saved in states, resumed with it
+        student = task.wrap_student(student, torch.zeros(2, *info["input_size"]))
     topology = describe_topology(accelerator, cfg)
     lr = scaled_lr(cfg.optim, topology["global_batch"])
     configured = build_optimizer(student, cfg.optim, lr)
@@ -173,13 +163,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
     deepspeed_autocast(accelerator)  # DeepSpeed bf16 trains as DDP's autocast does
     fsdp_autocast(accelerator)  # so does FSDP: FP32 parameters (batch norms too) under the autocast
     buffers_in_weight_precision(accelerator, student)  # DeepSpeed fp16: batch-norm statistics in fp16 too
-    if streamed:
-        train_loader = stream_on_rank(train_loader, accelerator, cfg.data.batch_size)
-        student, optimizer, val_loader = accelerator.prepare(student, configured, val_loader)
-    else:
-        student, optimizer, train_loader, val_loader = accelerator.prepare(
-            student, configured, train_loader, val_loader
-        )
+    student, optimizer, train_loader, val_loader = accelerator.prepare(student, configured, train_loader, val_loader)
     topology.update(describe_numerics(accelerator, student, optimizer, configured, cfg.train.mixed_precision))
 
     def bare() -> nn.Module:
@@ -213,8 +197,6 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
 
     position = {"step": 0, "epoch": 0, "batch": 0}
     run_print = fingerprint(cfg, accelerator)
-    if streamed:  # a stream's order depends on its readers, ranks x workers: resuming needs the same workers
-        run_print["data.num_workers"] = cfg.data.num_workers
     resumed = None
     if cfg.train.resume and not cfg.train.overwrite:
         newest = newest_state(accelerator, out / "state")  # rank 0's choice, seen by every rank
@@ -257,7 +239,7 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
         student.train()
         train_loader.set_epoch(epoch)
         skip = position["batch"] if epoch == position["epoch"] else 0
-        loader = resume_loader(accelerator, train_loader, skip)
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         seen.append([])
         bar = tqdm(
             loader,
@@ -273,7 +255,6 @@ def fit(cfg: RunConfig, distill: bool) -> dict[str, Any]:
             if cfg.train.channels_last:
                 batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
             losses = train_step(accelerator, student, task, optimizer, batch, cfg.optim.grad_clip, guard, step + 1)
-            pool_batch_norm_statistics_(accelerator.unwrap_model(student), accelerator)  # a collective
             meter.step_done(in_hand)
             meter.count(batch["label"].shape[0] * accelerator.num_processes)
             if cfg.train.record_samples:

@@ -80,10 +80,6 @@ class ModelSpec:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     interpolation: str = "bilinear"
-    crop_pct: float = 1.0
-    """Evaluation crop: the shorter side resized to ``H / crop_pct``, then ``H × W`` center-cropped (1.0: the whole
-    image, what every description written before this field was evaluated with)."""
-    crop_mode: str = "center"
     class_names: list[str] = field(default_factory=list)
     recipe: list[dict[str, Any]] = field(default_factory=list)
     """Compression steps applied to the bare model, in order, each ``{"method", "config", "record"}``: the record
@@ -309,8 +305,7 @@ def build_model(
         cfg: The model section of the config (``name`` required; checkpoints go through ``train.checkpoint``).
         num_classes: Output classes.
         input_size: ``[C, H, W]`` of the images it will be fed.
-        data_info: Preprocessing facts (``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``;
-            :func:`slimforge.train.data.describe`) recorded in the spec.
+        data_info: Normalisation facts (``mean``, ``std``, ``interpolation``) recorded in the spec.
         class_names: Names of the classes, recorded in the spec.
 
     Returns:
@@ -326,8 +321,6 @@ def build_model(
         mean=list(info.get("mean", [])),
         std=list(info.get("std", [])),
         interpolation=info.get("interpolation", "bilinear"),
-        crop_pct=info.get("crop_pct", 1.0),
-        crop_mode=info.get("crop_mode", "center"),
         class_names=list(class_names or []),
     )
     model = create_model(spec, pretrained=cfg.pretrained)

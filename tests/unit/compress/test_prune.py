@@ -210,24 +210,3 @@ def test_attention_heads_are_refused_instead_of_rebuilt_wrongly():
     with pytest.raises(RecipeError, match="attention layers \\('blocks.0.attn' and 11 more\\)") as e:
         step.check_model(vit)
     assert "lowrank or sparsity" in e.value.fix
-
-
-class _Shuffle(torch.nn.Module):
-    """ShuffleNet's channel shuffle: ``[B, C, H, W] -> [B, 2, C/2, H, W] -> transpose -> [B, C, H, W]``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        return x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
-
-
-def test_a_channel_shuffle_is_refused_naming_the_layer_not_a_traceback():
-    """Torch-Pruning's dependency graph dies on it with a ZeroDivisionError (torchvision's shufflenet_v2)."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 3), _Shuffle(), torch.nn.Conv2d(8, 8, 3),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
-    )  # fmt: skip
-    (step,) = build_methods([{"method": "prune", "macs": 0.5}])
-    with pytest.raises(RecipeError, match="layer '2' reshapes its channel axis") as e:
-        step.prepare(net, CompressionContext(example_input=torch.randn(1, 1, 16, 16)))
-    assert "sparsity, lowrank or qat" in e.value.fix

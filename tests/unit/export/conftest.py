@@ -19,24 +19,16 @@ MNIST = DataConfig(source="embedded", name="mnist_5k", in_chans=1, image_size=32
 
 
 def _make_checkpoint(
-    path: Path,
-    name: str,
-    kwargs: dict | None = None,
-    seed: int = 0,
-    source: str = "timm",
-    data: DataConfig = MNIST,
-    classes: list[str] | None = None,
+    path: Path, name: str, kwargs: dict | None = None, seed: int = 0, source: str = "timm", data: DataConfig = MNIST
 ) -> Path:
-    """A checkpoint of ``name`` (random init from ``seed``) for ``classes`` (default: the 10 digits) at ``data``'s
-    input size, trained 'on' ``data``."""
+    """A checkpoint of ``name`` (random init from ``seed``) for 10 classes at [1, 32, 32] trained 'on' ``data``."""
     torch.manual_seed(seed)
-    classes = classes or [str(i) for i in range(10)]
     model, spec = build_model(
         ModelConfig(source=source, name=name, kwargs=dict(kwargs or {})),
-        len(classes),
+        10,
         (data.in_chans, data.image_size, data.image_size),
         describe(data),
-        classes,
+        [str(i) for i in range(10)],
     )
     return save_checkpoint(model.state_dict(), spec, path, extra={"data": asdict(data)})
 
@@ -77,15 +69,3 @@ def exported_student(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespac
     report = export_checkpoint(student, out, cfg)
     assert report["passed"], report["artifacts"]
     return SimpleNamespace(teacher=teacher, student=student, out=out, report=report)
-
-
-@pytest.fixture(scope="module")
-def folder_checkpoints(sorted_folder, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """A teacher and a student (tiny CNNs, user factories) 'trained on' tests/conftest.py's 100-class image folder."""
-    root = tmp_path_factory.mktemp("folder_checkpoints")
-    classes = [f"class_{c:03d}" for c in range(100)]
-    teacher, student = (
-        _make_checkpoint(root / role, "tests.factories:tiny_convnet", None, seed, "factory", sorted_folder, classes)
-        for role, seed in (("teacher", 0), ("student", 1))
-    )
-    return SimpleNamespace(teacher=teacher, student=student, data=sorted_folder)

@@ -148,31 +148,3 @@ def test_a_tensorrt_targeted_file_is_checked_in_tensorrt_or_refused_by_name(trai
     (entry,) = report["artifacts"]
     assert entry["status"] == "error" and "targets TensorRT" in entry["error"] and "backend: ort-cpu" in entry["fix"]
     assert not list((tmp_path / "out").glob("model.int8.onnx*"))
-
-
-def test_mac_counts_of_attention_match_count_macs_and_fused_transposes(tmp_path):
-    """A ViT's MACs, counted in ORT's optimised graph (fused matmuls of attention included), equal torch's count of
-    the PyTorch model; a q·kᵀ that ORT fuses into FusedMatMul(transB=1) reduces over the head size, not the tokens."""
-    import timm
-    from onnx import TensorProto, helper
-
-    from slimforge.export.to_onnx import export_onnx
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10, depth=1)
-    export_onnx(vit.eval(), torch.zeros(2, 1, 32, 32), tmp_path / "vit.onnx")
-    counted = int8_macs(tmp_path / "vit.onnx", [1, 1, 32, 32])
-    assert counted["total_macs"] == count_macs(vit, [1, 32, 32]) > 0
-    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 2, 5, 8])
-    nodes = [
-        helper.make_node("Mul", ["q", "s"], ["k"]),
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
-        helper.make_node("MatMul", ["q", "kt"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "qk", [q], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.5])],
-    )  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), tmp_path / "qk.onnx")
-    fused = int8_macs(tmp_path / "qk.onnx", [1, 2, 5, 8])
-    assert fused["ops"] == {"FusedMatMul": 1} and fused["total_macs"] == 2 * 5 * 5 * 8

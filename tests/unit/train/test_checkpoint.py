@@ -181,35 +181,3 @@ def test_a_factory_teacher_loads_only_with_its_allow_factory_key(tmp_path):
     assert refused.value.fix == "if you trust that code, set teacher.allow_factory=true"
     model, spec = load_or_build(ModelConfig(checkpoint=str(path), allow_factory=True), "teacher", *shape)
     assert spec.name == "tests.factories:tiny_convnet" and spec.class_names == DIGITS
-
-
-class _Versioned(torch.nn.Module):
-    """Reads its state dict's ``version`` as torchvision's MNASNet does (a ValueError without one)."""
-
-    _version = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 2, 3)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
-        if local_metadata.get("version") != 2:
-            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
-
-
-def test_module_versions_survive_safetensors(teacher_ckpt, tmp_path):
-    """safetensors keeps tensors only; the checkpoint records each module's ``version`` and loading restores it,
-    from the file, or from the freshly built model for a checkpoint written without it."""
-    from safetensors.torch import load_file, save_file
-
-    from slimforge.train.checkpoint import with_module_versions
-
-    model = _Versioned()
-    path = save_checkpoint(model.state_dict(), read_spec(teacher_ckpt), tmp_path / "ckpt")
-    state = load_file(str(path / WEIGHTS))
-    with pytest.raises(ValueError, match="instead of None"):
-        _Versioned().load_state_dict(state)  # what export, PTQ and QAT raised on such a checkpoint
-    _Versioned().load_state_dict(with_module_versions(state, _Versioned(), path / WEIGHTS))
-    save_file(state, str(tmp_path / "bare.safetensors"))  # no recorded versions: the built model's are taken
-    _Versioned().load_state_dict(with_module_versions(state, _Versioned(), tmp_path / "bare.safetensors"))

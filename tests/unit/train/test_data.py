@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import datasets
@@ -130,44 +129,3 @@ def test_two_folders_for_one_split_or_an_empty_split_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="holds no image") as info:
         scan_image_folder(empty)
     assert "<class>/<image>" in info.value.fix
-
-
-def _folder_with_unreadable_images(root: Path) -> tuple[Path, Path]:
-    """Two classes of 8×8 JPEGs; c0/1.jpg is cut short, c1/0.jpg is not an image at all."""
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"c{c}/{i}.jpg")
-    truncated, garbage = root / "c0/1.jpg", root / "c1/0.jpg"
-    truncated.write_bytes(truncated.read_bytes()[:120])
-    garbage.write_bytes(b"not a JPEG")
-    return truncated, garbage
-
-
-def test_an_unreadable_image_is_named_or_skipped_when_asked(tmp_path, caplog):
-    from slimforge.train.imagefolder import scan_image_folder
-    from slimforge.train.views import ImageSamples
-
-    truncated, garbage = _folder_with_unreadable_images(tmp_path)
-    cfg = DataConfig(source="imagefolder", path=str(tmp_path), image_size=8, num_workers=0)
-    train = scan_image_folder(tmp_path)["train"]
-    rows = train.cast_column("image", datasets.Image(decode=False))["image"]
-    at = {Path(r["path"]): i for i, r in enumerate(rows)}
-    samples = ImageSamples(train, cfg, is_training=False)
-    for path in (truncated, garbage):
-        with pytest.raises(DataError, match="cannot be read") as info:
-            samples[at[path]]
-        assert str(path) in info.value.problem and "data.skip_unreadable=true" in info.value.fix
-    # From a DataLoader worker the error reaches the training process as itself, not as the worker's traceback.
-    with pytest.raises(DataError) as info:
-        list(build_loader(train, dataclasses.replace(cfg, num_workers=1, batch_size=2), is_training=False))
-    assert info.value.problem.startswith("image ") and "Traceback" not in str(info.value)
-    skip = dataclasses.replace(cfg, skip_unreadable=True)
-    samples = ImageSamples(train, skip, is_training=False)
-    with caplog.at_level("WARNING", logger="slimforge.train.views"):
-        items = [samples[i] for i in range(len(train))]
-    assert [items[at[truncated]]["label"], items[at[garbage]]["label"]] == [0, 1]  # the next ones: c0/2, c1/1
-    assert torch.equal(items[at[truncated]]["pixel_values"], items[at[truncated] + 1]["pixel_values"])
-    assert samples.skipped == {str(truncated), str(garbage)}
-    assert str(truncated) in caplog.text and str(garbage) in caplog.text

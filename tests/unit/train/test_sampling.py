@@ -5,14 +5,31 @@ rows would be one or two classes."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from slimforge.export.evaldata import ValidationSet
-from slimforge.train.data import load_splits
+from slimforge.train.data import DataConfig, load_splits
 from slimforge.train.engine.compression import calibration_batches
 from slimforge.train.sampling import stratified_indices
 
-CLASSES = 100  # tests/conftest.py's sorted_folder
+CLASSES = 100
+
+
+@pytest.fixture(scope="module")
+def sorted_folder(tmp_path_factory):
+    """train/ (8 images per class) and validation/ (6 per class), 100 classes; each image's pixels carry its class
+    so batches can be traced back to classes."""
+    root = tmp_path_factory.mktemp("folder100")
+    for split, n in (("train", 8), ("validation", 6)):
+        for c in range(CLASSES):
+            folder = root / split / f"class_{c:03d}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), c, dtype=np.uint8)).save(folder / f"{i}.png")
+    return DataConfig(source="imagefolder", path=str(root), image_size=8, in_chans=1, mean=[0.0], std=[1.0],
+                      batch_size=32)  # fmt: skip
 
 
 def test_the_folder_is_sorted_by_class_so_first_rows_would_be_one_class(sorted_folder):
