@@ -416,6 +416,9 @@ def run_items(check: Check, plan: Plan) -> None:
             raise Failed(f"exit {code}: {tail[0]}", text)
         return "pass", tail[0], None
 
+    def resumed(name: str):
+        return lambda: fsdp_resume(check, plan.launches[name], plan.run_dir(name))
+
     def not_here():
         return "skipped", None, ONE_GPU.format(gpus=gpus)
 
@@ -430,12 +433,12 @@ def run_items(check: Check, plan: Plan) -> None:
     check.item("export_int8", lambda: exported(plan.run_dir("qat") / "checkpoint", plan.work / "export_int8"))
     check.item("zero2_bf16", train("zero2_bf16"))
     check.item("zero3_bf16", train("zero3_bf16"))
-    name = "fsdp_bf16_resume"
-    check.item(name, lambda: fsdp_resume(check, plan.launches[name], plan.run_dir(name)))
+    check.item("fsdp_bf16_resume", resumed("fsdp_bf16_resume"))
     check.item("cached_teacher", cached)
     check.item("gpu_tests", gpu_tests)
     for name in ("two_ranks", "sharded_teacher"):
-        check.item(name, not_here if plan.launches[name] is None else train(name), skip=plan.launches[name] is None)
+        missing = plan.launches[name] is None
+        check.item(name, not_here if missing else train(name), skip=missing)
 
 
 def dry_run(plan: Plan) -> list[str]:
